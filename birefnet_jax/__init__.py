@@ -1,0 +1,21 @@
+"""BiRefNet in JAX/Flax NNX, with verified conversion of the original PyTorch checkpoints."""
+
+from birefnet_jax.api import load, load_predictor, make_predict_fn, normalize
+from birefnet_jax.config import BACKBONES, PRESETS, BiRefNetConfig, PvtV2Config, SwinConfig, get_preset
+from birefnet_jax.model import BiRefNet, TrainOutputs, count_params
+
+__all__ = [
+    "BACKBONES",
+    "PRESETS",
+    "BiRefNet",
+    "BiRefNetConfig",
+    "PvtV2Config",
+    "SwinConfig",
+    "TrainOutputs",
+    "count_params",
+    "get_preset",
+    "load",
+    "load_predictor",
+    "make_predict_fn",
+    "normalize",
+]

@@ -1,0 +1,186 @@
+"""Swin Transformer v1 backbone (Liu et al. 2021), NHWC, any input size.
+
+Feature maps are padded to a multiple of the window before partitioning and cropped
+afterwards, so any size works; the shifted-window mask is built from the padded size.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from birefnet_jax.config import SwinConfig
+from birefnet_jax.nn.layers import conv2d
+
+_NEG = -1e9  # stands for -inf in the shifted-window mask; exp underflows to exactly 0
+
+
+@lru_cache(maxsize=16)
+def relative_position_index(window: int) -> np.ndarray:
+    """(N, N) index into the relative-position bias table, N = window**2."""
+    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window - 1)
+    return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).astype(np.int64)
+
+
+@lru_cache(maxsize=64)
+def shifted_window_mask(hp: int, wp: int, window: int, shift: int) -> np.ndarray:
+    """(nW, N, N) additive mask that keeps tokens from attending across the wrap-around seam."""
+    region = np.zeros((hp, wp), np.int32)
+    bounds = lambda n: ((0, n - window), (n - window, n - shift), (n - shift, n))  # noqa: E731
+    label = 0
+    for h0, h1 in bounds(hp):
+        for w0, w1 in bounds(wp):
+            region[h0:h1, w0:w1] = label
+            label += 1
+    win = region.reshape(hp // window, window, wp // window, window).transpose(0, 2, 1, 3).reshape(-1, window**2)
+    return np.where(win[:, None, :] != win[:, :, None], _NEG, 0.0).astype(np.float32)
+
+
+def window_partition(x: jax.Array, window: int) -> jax.Array:
+    """(B, H, W, C) -> (B, nW, window*window, C)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, -1, window * window, c)
+
+
+def window_merge(x: jax.Array, window: int, h: int, w: int) -> jax.Array:
+    """Inverse of `window_partition`."""
+    b, _, _, c = x.shape
+    x = x.reshape(b, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, hidden: int, *, rngs, dtype):
+        self.fc1 = nnx.Linear(dim, hidden, rngs=rngs, dtype=dtype)
+        self.fc2 = nnx.Linear(hidden, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class WindowAttention(nnx.Module):
+    """Multi-head self-attention inside windows, with a learned relative-position bias."""
+
+    def __init__(self, dim: int, window: int, num_heads: int, *, rngs, dtype):
+        self.window, self.num_heads = window, num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nnx.Param(
+            0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, ((2 * window - 1) ** 2, num_heads)))
+        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
+        self.proj = nnx.Linear(dim, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
+        """x: (B, nW, N, C); mask: (nW, N, N) or None."""
+        b, nw, n, c = x.shape
+        h = self.num_heads
+        q, k, v = jnp.split(self.qkv(x).reshape(b, nw, n, 3, h, c // h), 3, axis=3)
+        q, k, v = q[:, :, :, 0], k[:, :, :, 0], v[:, :, :, 0]  # (B, nW, N, h, d)
+        idx = relative_position_index(self.window).reshape(-1)
+        bias = self.relative_position_bias_table[...][idx].reshape(n, n, h).transpose(2, 0, 1)
+        logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q * self.scale, k) + bias.astype(q.dtype)
+        if mask is not None:
+            logits = logits + jnp.asarray(mask, q.dtype)[None, :, None]
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, c)
+        return self.proj(out)
+
+
+class SwinTransformerBlock(nnx.Module):
+    def __init__(self, dim, num_heads, window, shift, mlp_ratio, drop_path, *, rngs, dtype):
+        self.window, self.shift = window, shift
+        self.norm1 = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs, dtype=dtype)
+        self.attn = WindowAttention(dim, window, num_heads, rngs=rngs, dtype=dtype)
+        self.norm2 = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
+        self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), deterministic=True, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        ws, s = self.window, self.shift
+        y = self.norm1(x)
+        pad_b, pad_r = (-h) % ws, (-w) % ws
+        y = jnp.pad(y, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+        hp, wp = h + pad_b, w + pad_r
+        mask = None
+        if s:
+            y = jnp.roll(y, (-s, -s), axis=(1, 2))
+            mask = shifted_window_mask(hp, wp, ws, s)
+        y = window_merge(self.attn(window_partition(y, ws), mask), ws, hp, wp)
+        if s:
+            y = jnp.roll(y, (s, s), axis=(1, 2))
+        x = x + self.drop_path(y[:, :h, :w])
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nnx.Module):
+    """2x2 space-to-depth (in Swin's channel order) -> LayerNorm -> linear to 2C."""
+
+    def __init__(self, dim, *, rngs, dtype):
+        self.norm = nnx.LayerNorm(4 * dim, epsilon=1e-5, rngs=rngs, dtype=dtype)
+        self.reduction = nnx.Linear(4 * dim, 2 * dim, use_bias=False, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x):
+        h, w = x.shape[1], x.shape[2]
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+        x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
+        return self.reduction(self.norm(x))
+
+
+class BasicLayer(nnx.Module):
+    """One stage: blocks alternating plain and shifted windows, then optional merging."""
+
+    def __init__(self, dim, depth, num_heads, window, mlp_ratio, drop_paths, downsample, *, rngs, dtype):
+        self.blocks = nnx.List([
+            SwinTransformerBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio,
+                                 drop_paths[i], rngs=rngs, dtype=dtype)
+            for i in range(depth)
+        ])
+        self.downsample = PatchMerging(dim, rngs=rngs, dtype=dtype) if downsample else None
+
+    def __call__(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x, (x if self.downsample is None else self.downsample(x))
+
+
+class PatchEmbed(nnx.Module):
+    def __init__(self, embed_dim, patch=4, *, rngs, dtype):
+        self.patch = patch
+        self.proj = conv2d(3, embed_dim, patch, stride=patch, rngs=rngs, dtype=dtype)
+        self.norm = nnx.LayerNorm(embed_dim, epsilon=1e-5, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x):
+        p = self.patch
+        x = jnp.pad(x, ((0, 0), (0, (-x.shape[1]) % p), (0, (-x.shape[2]) % p), (0, 0)))
+        return self.norm(self.proj(x))
+
+
+class SwinTransformer(nnx.Module):
+    """Returns the four stage outputs (strides 4, 8, 16, 32), each layer-normalised."""
+
+    def __init__(self, cfg: SwinConfig, *, rngs: nnx.Rngs, dtype=None):
+        n = len(cfg.depths)
+        self.patch_embed = PatchEmbed(cfg.embed_dim, rngs=rngs, dtype=dtype)
+        dpr = np.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        starts = np.cumsum((0,) + tuple(cfg.depths))
+        self.layers = nnx.List([
+            BasicLayer(cfg.embed_dim * 2**i, cfg.depths[i], cfg.num_heads[i], cfg.window_size, cfg.mlp_ratio,
+                       dpr[starts[i]:starts[i + 1]], i < n - 1, rngs=rngs, dtype=dtype)
+            for i in range(n)
+        ])
+        for i, c in enumerate(cfg.channels):
+            setattr(self, f"norm{i}", nnx.LayerNorm(c, epsilon=1e-5, rngs=rngs, dtype=dtype))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        x = self.patch_embed(x)
+        outs = []
+        for i, layer in enumerate(self.layers):
+            out, x = layer(x)
+            outs.append(getattr(self, f"norm{i}")(out))
+        return tuple(outs)

@@ -1,0 +1,112 @@
+"""Reading original checkpoints (`.safetensors` without torch, `.pth` with it) and writing
+`.safetensors` atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PREFIXES = ("module.", "_orig_mod.")
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "net")
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file could not be read: names the file and the likely cause."""
+
+
+def strip_prefixes(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) prefixes, in any nesting."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in PREFIXES:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointReadError(
+            f"{path}: not a readable .safetensors file ({e}). The file may be truncated or still "
+            "downloading; fetch it again.") from e
+    except TypeError as e:  # bfloat16 tensors cannot be read as numpy directly
+        raise CheckpointReadError(f"{path}: {e}") from e
+
+
+def _read_pth(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointReadError(
+            f"{path}: reading .pth files needs PyTorch: pip install 'birefnet-jax[torch]', "
+            "or convert the file to .safetensors elsewhere") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt archives
+        raise CheckpointReadError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}). The file may be "
+            "truncated or corrupt; fetch it again.") from e
+    for _ in range(2):
+        if isinstance(obj, dict) and not any(hasattr(v, "shape") for v in obj.values()):
+            inner = [k for k in _WRAPPERS if isinstance(obj.get(k), dict)]
+            if not inner:
+                break
+            obj = obj[inner[0]]
+    if not isinstance(obj, dict):
+        raise CheckpointReadError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    out = {}
+    for k, v in obj.items():
+        if hasattr(v, "detach"):
+            t = v.detach().cpu()
+            if t.dtype in (torch.bfloat16, torch.float16):
+                t = t.float()
+            out[k] = t.numpy()
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The original state dict of a `.pth` or `.safetensors` file, as numpy arrays with the
+    prefixes stripped; half-precision tensors come back as float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        sd = _read_safetensors(path)
+    elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        sd = _read_pth(path)
+    else:
+        raise CheckpointReadError(f"{path}: unknown checkpoint format {suffix!r}; expected .pth or .safetensors")
+    if not sd:
+        raise CheckpointReadError(f"{path}: contains no tensors")
+    return strip_prefixes(sd)
+
+
+def write_safetensors(state_dict: dict[str, np.ndarray], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Write atomically: a crash leaves either the old file or none, never half a file."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: np.array(v, order="C", copy=None) for k, v in state_dict.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,167 @@
+"""The checkpoint filter: original state-dict keys <-> NNX state paths, with layouts.
+
+The NNX modules carry the original's attribute names, so a key maps by a few renames
+(where the original nests `nn.Sequential` indices) plus the leaf-name and layout change:
+conv weights OIHW -> HWIO, linear weights (out, in) -> (in, out), norm `weight` -> `scale`,
+BatchNorm `running_mean/var` -> `mean/var`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from birefnet_jax.backbones.swin import relative_position_index
+
+
+class ConversionError(ValueError):
+    """A state dict does not fit the model: lists every missing, unexpected and mis-shaped key."""
+
+
+# (original module path pattern, NNX module path replacement), applied to the dotted module path.
+_RENAMES = [
+    (r"\.global_avg_pool\.1$", ".global_avg_pool.conv"),
+    (r"\.global_avg_pool\.2$", ".global_avg_pool.bn"),
+    (r"\.gdt_convs_(\d)\.0$", r".gdt_convs_\1.conv"),
+    (r"\.gdt_convs_(\d)\.1$", r".gdt_convs_\1.bn"),
+    (r"\.(gdt_convs_pred_\d|gdt_convs_attn_\d|conv_out1)\.0$", r".\1"),
+    (r"^cls_head\.0$", "cls_head"),
+]
+_INVERSE = [
+    (r"\.global_avg_pool\.conv$", ".global_avg_pool.1"),
+    (r"\.global_avg_pool\.bn$", ".global_avg_pool.2"),
+    (r"\.gdt_convs_(\d)\.conv$", r".gdt_convs_\1.0"),
+    (r"\.gdt_convs_(\d)\.bn$", r".gdt_convs_\1.1"),
+    (r"\.(gdt_convs_pred_\d|gdt_convs_attn_\d|conv_out1)$", r".\1.0"),
+    (r"^cls_head$", "cls_head.0"),
+]
+_LEAF = {"running_mean": "mean", "running_var": "var"}
+_LEAF_INV = {"mean": "running_mean", "var": "running_var", "kernel": "weight", "scale": "weight"}
+DERIVED_BUFFER = "relative_position_index"
+
+
+def _sub_all(path: str, rules) -> str:
+    for pat, rep in rules:
+        path = re.sub(pat, rep, path)
+    return path
+
+
+def _to_path(s: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in s.split("."))
+
+
+def torch_key_to_path(key: str, targets: dict) -> tuple | None:
+    """NNX path for an original key, or None when no such parameter exists."""
+    module, _, leaf = key.rpartition(".")
+    module = _sub_all(module, _RENAMES)
+    base = _to_path(module)
+    names = {"weight": ("kernel", "scale")}.get(leaf, (_LEAF.get(leaf, leaf),))
+    for name in names:
+        if base + (name,) in targets:
+            return base + (name,)
+    return None
+
+
+def path_to_torch_key(path: tuple) -> str:
+    module = ".".join(str(p) for p in path[:-1])
+    return _sub_all(module, _INVERSE) + "." + _LEAF_INV.get(path[-1], path[-1])
+
+
+def _to_flax_layout(value: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    return value
+
+
+def _to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    return value
+
+
+def _flat_variables(model: nnx.Module) -> dict[tuple, nnx.Variable]:
+    return {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))}
+
+
+def load_state_dict_into(model: nnx.Module, state_dict: dict[str, np.ndarray]) -> nnx.Module:
+    """Fill every variable of `model` from an original state dict, strictly.
+
+    Every key must be consumed and every variable filled with the right shape; otherwise a
+    `ConversionError` lists all the problems at once. Returns the model (updated in place).
+    """
+    targets = _flat_variables(model)
+    filled: set[tuple] = set()
+    unexpected, misshaped, bad_buffers = [], [], []
+    updates = {}
+    for key, value in state_dict.items():
+        value = np.asarray(value)
+        if key.endswith("." + DERIVED_BUFFER):
+            table = key[: -len(DERIVED_BUFFER)] + "relative_position_bias_table"
+            if table not in state_dict:
+                unexpected.append(key)
+                continue
+            window = int(round((np.sqrt(state_dict[table].shape[0]) + 1) / 2))
+            if not np.array_equal(value, relative_position_index(window)):
+                bad_buffers.append(key)
+            continue
+        path = torch_key_to_path(key, targets)
+        if path is None:
+            unexpected.append(key)
+            continue
+        var = targets[path]
+        arr = _to_flax_layout(value, path[-1])
+        if arr.shape != tuple(var.get_value().shape):
+            misshaped.append(f"{key}: checkpoint {tuple(value.shape)}, model expects "
+                             f"{tuple(_to_torch_layout(np.zeros(var.get_value().shape), path[-1]).shape)}")
+            continue
+        updates[path] = jnp.asarray(arr, dtype=var.get_value().dtype)
+        filled.add(path)
+    missing = [path_to_torch_key(p) for p in targets if p not in filled]
+    if missing or unexpected or misshaped or bad_buffers:
+        parts = []
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", misshaped), ("wrong relative_position_index", bad_buffers)):
+            if items:
+                shown = "\n  ".join(items[:40]) + (f"\n  ... and {len(items) - 40} more" if len(items) > 40 else "")
+                parts.append(f"{len(items)} {title}:\n  {shown}")
+        raise ConversionError(
+            "the checkpoint does not match the model architecture. This usually means a checkpoint of "
+            "another architecture or a wrong override (--backbone, --mul-scl-ipt, ...).\n" + "\n".join(parts))
+    for path, arr in updates.items():
+        targets[path].set_value(arr)
+    return model
+
+
+def model_to_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The original's state dict (PyTorch layouts and names, including derived buffers)."""
+    out: dict[str, np.ndarray] = {}
+    for path, var in _flat_variables(model).items():
+        value = np.asarray(var.get_value())
+        key = path_to_torch_key(path)
+        if path[-1] == "num_batches_tracked":
+            value = value.astype(np.int64)
+        out[key] = np.array(_to_torch_layout(value, path[-1]), order="C")
+        if path[-1] == "relative_position_bias_table":
+            window = int(round((np.sqrt(value.shape[0]) + 1) / 2))
+            out[key[: -len("relative_position_bias_table")] + DERIVED_BUFFER] = relative_position_index(window)
+    return out
+
+
+def materialize_rng_state(model: nnx.Module, seed: int = 0) -> nnx.Module:
+    """Give a model made by `nnx.eval_shape` concrete RNG streams (for dropout/drop path)."""
+    import jax
+
+    flat = nnx.to_flat_state(nnx.state(model, nnx.RngState))
+    for i, (_, var) in enumerate(flat):
+        if isinstance(var, nnx.RngKey):
+            var.set_value(jax.random.fold_in(jax.random.key(seed), i))
+        else:
+            var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
+    return model

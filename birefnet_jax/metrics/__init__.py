@@ -1,0 +1,26 @@
+"""Standard DIS metrics, matching the original BiRefNet evaluator, with JAX doing the pixel counting.
+
+``Evaluator`` accumulates pairs of uint8 prediction / ground-truth maps and reports the data set's
+means (S-measure, MAE, MSE, weighted F, HCE, mBA, E- / F-measure adaptive + mean + max of the
+256-threshold curves, BIoU mean + max); ``evaluate_pair`` / ``evaluate_batch`` give per-pair results.
+See docs/metrics.md for the definitions and the values chosen where the original divides by zero.
+"""
+
+from .evaluator import ALL_METRICS, Evaluator, PairResult, evaluate_batch, evaluate_pair, skeleton_of
+from .io import PairingError, pair_by_stem, read_gray
+from .report import TASK_COLUMNS, columns_for, format_table
+
+__all__ = [
+    "ALL_METRICS",
+    "Evaluator",
+    "PairResult",
+    "PairingError",
+    "TASK_COLUMNS",
+    "columns_for",
+    "evaluate_batch",
+    "evaluate_pair",
+    "format_table",
+    "pair_by_stem",
+    "read_gray",
+    "skeleton_of",
+]

@@ -1,0 +1,1 @@
+"""The BiRefNet heads: ASPP attention, decoder blocks, lateral blocks."""

@@ -1,0 +1,1 @@
+"""Building blocks shared by the backbones and the BiRefNet heads (NHWC throughout)."""

@@ -1,0 +1,135 @@
+"""Layers whose exact numerics the PyTorch original depends on.
+
+Everything is NHWC. Convolutions are plain `nnx.Conv`; what needs its own code is
+BatchNorm with PyTorch's running-statistics rule and bilinear resizing with
+`align_corners=True`, which `jax.image.resize` does not offer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def conv2d(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    *,
+    rngs: nnx.Rngs,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    bias: bool = True,
+    dtype=None,
+    zero_init: bool = False,
+) -> nnx.Conv:
+    """A 2D convolution with PyTorch's argument names and symmetric zero padding."""
+    kwargs = {}
+    if zero_init:
+        kwargs = dict(kernel_init=nnx.initializers.zeros_init(), bias_init=nnx.initializers.zeros_init())
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=[(padding, padding), (padding, padding)],
+        kernel_dilation=(dilation, dilation),
+        feature_group_count=groups,
+        use_bias=bias,
+        dtype=dtype,
+        rngs=rngs,
+        **kwargs,
+    )
+
+
+class BatchNorm2d(nnx.Module):
+    """BatchNorm with PyTorch's semantics, so converted statistics and training steps match.
+
+    Differences from `nnx.BatchNorm` that matter for parity: the running variance is
+    updated with the *unbiased* batch variance, `momentum` weighs the new batch (0.1),
+    and `num_batches_tracked` is kept so that an exported state dict is complete.
+    Toggle with `model.train()` / `model.eval()` (the `use_running_average` attribute).
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1, dtype=None):
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.dtype = dtype
+        self.use_running_average = True
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_dtype = self.dtype or x.dtype
+        xf = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            n = int(np.prod([x.shape[a] for a in axes]))
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        y = (xf - mean) * inv + self.bias[...]
+        return y.astype(out_dtype)
+
+
+def maybe_bn(enabled: bool, channels: int, dtype=None) -> BatchNorm2d | None:
+    """The original replaces BatchNorm by Identity when trained with batch size 1."""
+    return BatchNorm2d(channels, dtype=dtype) if enabled else None
+
+
+def apply_opt(module, x):
+    """Apply an optional layer (None stands for the original's nn.Identity)."""
+    return x if module is None else module(x)
+
+
+@lru_cache(maxsize=256)
+def _align_corners_taps(n_in: int, n_out: int):
+    """Source indices and weights of 1D linear interpolation with aligned corners."""
+    if n_out == 1 or n_in == 1:
+        src = np.zeros((n_out,), np.float64)
+    else:
+        src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+    i0 = np.clip(np.floor(src).astype(np.int32), 0, n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = (src - i0).astype(np.float32)
+    return i0, i1, frac
+
+
+def _resize_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
+    n_in = x.shape[axis]
+    if n_in == n_out:
+        return x
+    i0, i1, frac = _align_corners_taps(n_in, n_out)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    w1 = jnp.asarray(frac, x.dtype).reshape(shape)
+    a = jnp.take(x, jnp.asarray(i0), axis=axis)
+    b = jnp.take(x, jnp.asarray(i1), axis=axis)
+    return a * (1 - w1) + b * w1
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Bilinear resize of an NHWC batch with `align_corners=True` semantics (PyTorch's
+    `F.interpolate(..., mode='bilinear', align_corners=True)`), as the original uses
+    everywhere between pyramid levels."""
+    h, w = int(size[0]), int(size[1])
+    x = _resize_axis(x, 2, w)
+    return _resize_axis(x, 1, h)
