@@ -47,8 +47,37 @@ class PvtV2Config:
         return tuple(self.embed_dims)
 
 
-BackboneConfig = SwinConfig | PvtV2Config
-BACKBONE_KINDS = {"swin_v1": SwinConfig, "pvt_v2": PvtV2Config}
+@dataclasses.dataclass(frozen=True)
+class VggConfig:
+    """torchvision's VGG16 feature extractor (optionally with BatchNorm after every conv),
+    cut after its 2nd..5th max pools as the original does."""
+
+    batch_norm: bool = False
+    kind: str = "vgg16"
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return (128, 256, 512, 512)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+    """torchvision's bottleneck ResNet (v1.5: stride on the 3x3 conv); stage 1 includes the stem.
+    `depths` are the bottleneck counts per stage; the original offers only ResNet-50's."""
+
+    depths: tuple[int, ...] = (3, 4, 6, 3)
+    kind: str = "resnet"
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return (256, 512, 1024, 2048)
+
+
+BackboneConfig = SwinConfig | PvtV2Config | VggConfig | ResNetConfig
+BACKBONE_KINDS = {"swin_v1": SwinConfig, "pvt_v2": PvtV2Config, "vgg16": VggConfig, "resnet": ResNetConfig}
+# Backbones the original runs stage by stage (`bb.conv1..conv4`): it has no single call for them,
+# so its `add` multi-scale branch (which calls the backbone as a whole) fails.
+STAGEWISE_KINDS = ("vgg16", "resnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +125,10 @@ class BiRefNetConfig:
             problems.append("dec_ipt=False is not buildable in the original (its decoder widths need it)")
         if self.out_ref and not self.ms_supervision:
             problems.append("out_ref needs ms_supervision (the original ties them)")
+        if self.mul_scl_ipt == "add" and self.backbone.kind in STAGEWISE_KINDS:
+            problems.append(f"mul_scl_ipt='add' with a {self.backbone.kind} backbone: the original cannot run it "
+                            "(its 'add' branch calls the backbone as one module, which VGG/ResNet are not); "
+                            "use 'cat' or ''")
         if self.dec_channels_inter not in ("fixed", "adap"):
             problems.append(f"dec_channels_inter={self.dec_channels_inter!r} not in ('fixed', 'adap')")
         if problems:
@@ -150,13 +183,20 @@ BACKBONES: dict[str, BackboneConfig] = {
     "pvt_v2_b3": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 4, 18, 3)),
     "pvt_v2_b4": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 8, 27, 3)),
     "pvt_v2_b5": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
+    "vgg16": VggConfig(batch_norm=False),
+    "vgg16bn": VggConfig(batch_norm=True),
+    "resnet50": ResNetConfig(depths=(3, 4, 6, 3)),
 }
 
 
 def backbone_name(bb: BackboneConfig) -> str | None:
     """The preset name of a backbone config, ignoring the drop-path rate; None if custom."""
     for name, preset in BACKBONES.items():
-        if dataclasses.replace(preset, drop_path_rate=bb.drop_path_rate) == bb:
+        if type(preset) is not type(bb):
+            continue
+        if hasattr(bb, "drop_path_rate"):
+            preset = dataclasses.replace(preset, drop_path_rate=bb.drop_path_rate)
+        if preset == bb:
             return name
     return None
 

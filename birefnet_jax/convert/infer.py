@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from birefnet_jax.config import BACKBONES, BiRefNetConfig, PvtV2Config, SwinConfig
+from birefnet_jax.config import BACKBONES, BiRefNetConfig, PvtV2Config, ResNetConfig, SwinConfig, VggConfig
 
 
 class ArchitectureError(ValueError):
@@ -56,6 +56,13 @@ def _infer_pvt(sd, num_heads=None) -> PvtV2Config:
                        sr_ratios=sr)
 
 
+def _infer_resnet(sd) -> ResNetConfig:
+    """Stage 1 nests its bottlenecks at index 4 (after the stem); stages 2..4 are the layers."""
+    depths = (_count(sd, r"bb\.conv1\.4\.(\d+)\."),
+              *(_count(sd, rf"bb\.conv{i}\.(\d+)\.") for i in (2, 3, 4)))
+    return ResNetConfig(depths=depths)
+
+
 def _block_kind(sd, prefix: str) -> str:
     if f"{prefix}.conv_in.weight" in sd:
         return "ResBlk" if f"{prefix}.conv_resi.weight" in sd else "BasicDecBlk"
@@ -86,8 +93,10 @@ def infer_config(state_dict: dict[str, np.ndarray], *, mul_scl_ipt: str | None =
         backbone = _infer_swin(sd)
     elif "bb.patch_embed1.proj.weight" in sd:
         backbone = _infer_pvt(sd, num_heads)
-    elif any(k.startswith("bb.conv1.") for k in sd):
-        raise ArchitectureError("VGG/ResNet backbones are not supported yet")
+    elif "bb.conv1.4.0.conv1.weight" in sd:
+        backbone = _infer_resnet(sd)
+    elif "bb.conv1.0.weight" in sd:
+        backbone = VggConfig(batch_norm="bb.conv1.1.running_mean" in sd)
     else:
         sample = ", ".join(list(sd)[:5])
         raise ArchitectureError(

@@ -84,13 +84,11 @@ def _plain(value):
     return value
 
 
-def write_json(path: str, rows: list[tuple[str, str, dict]], task: str, per_image: dict | None = None) -> None:
-    """{dataset: {method: results}} with full precision and the curves; NaN is written as null."""
+def write_json(path: str, rows: list[tuple[str, str, dict]], task: str) -> None:
+    """{"results": {dataset: {method: results}}} at full precision, curves included; NaN is written as null."""
     out: dict = {"task": task, "columns": columns_for(task), "results": {}}
     for dataset, method, res in rows:
         out["results"].setdefault(dataset, {})[method] = {k: _plain(v) for k, v in res.items()}
-    if per_image:
-        out["per_image"] = {f"{d}/{m}": v for (d, m), v in per_image.items()}
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
 
@@ -104,6 +102,16 @@ def write_csv(path: str, rows: list[tuple[str, str, dict]], task: str) -> None:
         for dataset, method, res in rows:
             values = [_plain(res.get(COLUMN_KEYS[c])) for c in columns]
             writer.writerow([dataset, method, *("" if v is None else v for v in values), res.get("count", "")])
+
+
+def write_per_image_csv(path: str, records: list[dict]) -> None:
+    """One row per image: its name and scalar metrics."""
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: _plain(v) for k, v in r.items()})
 
 
 def plot_curves(path_prefix: str, dataset: str, curves: dict[str, dict]) -> list[str]:
@@ -126,7 +134,7 @@ def plot_curves(path_prefix: str, dataset: str, curves: dict[str, dict]) -> list
             ax.plot(res["recall"], res["precision"], label=method, lw=1.5)
     ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.02), title=f"{dataset}: PR curve")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="lower left")
+    ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
     fig.savefig(f"{path_prefix}_pr.png")
     plt.close(fig)
@@ -139,7 +147,7 @@ def plot_curves(path_prefix: str, dataset: str, curves: dict[str, dict]) -> list
     ax.set(xlabel="Threshold", ylabel=r"F-measure ($\beta^2$ = 0.3)", xlim=(0, 255), ylim=(0, 1.02),
            title=f"{dataset}: F-measure curve")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="lower center")
+    ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
     fig.savefig(f"{path_prefix}_fm.png")
     plt.close(fig)

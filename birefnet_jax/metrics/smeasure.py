@@ -4,12 +4,10 @@ The region term splits the image at the ground truth's centre of mass and compar
 a global SSIM; the object term compares the foreground and background distributions. Both only need
 first and second moments, which the per-quadrant histograms give exactly.
 
-Where the original divides by zero (it then returns NaN for the whole image), this module uses a
-defined value instead; nothing else changes:
-
-- a quadrant without pixels (the centre of mass falls on the last row or column) adds nothing: its
-  weight is zero anyway;
-- a quadrant, foreground or background with a single pixel has zero variance (as pysodmetrics does).
+Degenerate splits: when a quadrant has fewer than two pixels (the centre of mass falls on the first or
+last row or column), or the foreground or background is a single pixel, the original's variances are
+0/0. Its NaN then meets the final ``max(0, S)``, which returns 0. That 0 is reproduced here,
+explicitly (pysodmetrics differs there: it divides by N - 1 + eps).
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ def split_point(fg: np.ndarray) -> tuple[int, int]:
 def _object_score(values: np.ndarray, counts: np.ndarray) -> float:
     m = counts.sum()
     mean = counts @ values / m
-    std = math.sqrt(counts @ (values - mean) ** 2 / (m - 1)) if m > 1 else 0.0
+    std = math.sqrt(counts @ (values - mean) ** 2 / (m - 1))
     return 2 * mean / (mean**2 + 1 + std + EPS)
 
 
@@ -57,8 +55,6 @@ def _ssim(counts: np.ndarray, levels: np.ndarray, block: tuple[int, int, int, in
     bg, fg = counts.astype(np.float64)
     n_bg, n_fg = bg.sum(), fg.sum()
     m = n_bg + n_fg
-    if m == 0:
-        return 0.0
     both = bg + fg
     present = np.flatnonzero(both)
     if present.size == 1 and (n_fg == 0 or n_bg == 0):
@@ -101,10 +97,13 @@ def s_measure(
         return float(1 - (bg @ levels) / n)
     if n_fg == n:
         return float((fg @ levels) / n)
+    cy, cx = split
+    sizes = (cy * cx, cy * (w - cx), (h - cy) * cx, (h - cy) * (w - cx))
+    if n_fg < 2 or n - n_fg < 2 or min(sizes) < 2:
+        return 0.0
     u = n_fg / n
     objects = u * _object_score(levels, fg) + (1 - u) * _object_score(1 - levels, bg)
 
-    cy, cx = split
     area = h * w
     w1 = cx * cy / area
     w2 = cy * (w - cx) / area

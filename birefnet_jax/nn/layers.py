@@ -103,13 +103,12 @@ def apply_opt(module, x):
 @lru_cache(maxsize=256)
 def _align_corners_taps(n_in: int, n_out: int):
     """Source indices and weights of 1D linear interpolation with aligned corners."""
-    if n_out == 1 or n_in == 1:
-        src = np.zeros((n_out,), np.float64)
-    else:
-        src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+    # float32 arithmetic, as PyTorch computes the source coordinates of float32 inputs.
+    scale = np.float32(0.0) if n_out == 1 else np.float32(n_in - 1) / np.float32(n_out - 1)
+    src = np.arange(n_out, dtype=np.float32) * scale
     i0 = np.clip(np.floor(src).astype(np.int32), 0, n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = (src - i0).astype(np.float32)
+    frac = (src - i0.astype(np.float32)).astype(np.float32)
     return i0, i1, frac
 
 

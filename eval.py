@@ -1,0 +1,248 @@
+"""Evaluate saliency / DIS predictions with the standard metrics, as the original BiRefNet evaluator.
+
+Three ways in:
+
+  # one folder of predictions against one folder of ground truths (paired by file name stem)
+  python eval.py --pred_dir preds/DIS-VD --gt_dir datasets/DIS5K/DIS-VD/gt
+
+  # the original's layout: {pred_root}/{method}/{dataset}/*.png against {data_root}/{dataset}/gt/*
+  python eval.py --pred_root e_preds --data_root datasets/DIS5K --datasets DIS-VD+DIS-TE1
+
+  # predict first (writes {pred_root}/{method}/{dataset}/*.png), then evaluate
+  python eval.py --ckpt BiRefNet.safetensors --data_root datasets/DIS5K --datasets DIS-VD
+
+Results: a table per data set on the console (columns in the original's order for --task) and in
+{save_dir}/{dataset}_eval.txt, everything at full precision in {save_dir}/results.json and
+results.csv, and precision-recall / F-measure curves in {save_dir}/{dataset}_pr.png / _fm.png.
+If a folder named ``ske`` sits next to a ground-truth folder, HCE takes the skeletons from it (by stem)
+as the original does; otherwise they are computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from birefnet_jax.metrics import (
+    ALL_METRICS,
+    Evaluator,
+    evaluate_pair,
+    pair_by_stem,
+    read_gray,
+    report,
+    skeleton_of,
+)
+from birefnet_jax.metrics.io import list_images
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("inputs")
+    src.add_argument("--pred_dir", help="one folder of predictions (with --gt_dir)")
+    src.add_argument("--gt_dir", help="one folder of ground truths (with --pred_dir)")
+    src.add_argument("--data_root", help="folder of data sets, each with gt/ (and im/ for --ckpt)")
+    src.add_argument("--datasets", help="data sets under --data_root, separated by '+' or ','")
+    src.add_argument("--pred_root", default="e_preds", help="folder of methods, each with one folder per data set")
+    src.add_argument("--methods", help="methods under --pred_root ('+'-separated); default: all that have the data set")
+    src.add_argument("--ckpt", help="checkpoint: predict every --datasets image first, then evaluate")
+    src.add_argument("--method", help="name of the method (default: folder or checkpoint name)")
+    src.add_argument("--batch_size", type=int, default=1, help="inference batch size (--ckpt)")
+    out = p.add_argument_group("evaluation and output")
+    out.add_argument("--task", default="DIS5K", help=f"column order: {', '.join(report.TASK_COLUMNS)}")
+    out.add_argument("--metrics", default="all", help=f"'all' or '+'-separated from {'+'.join(ALL_METRICS)}")
+    out.add_argument("--save_dir", default="e_results", help="where tables, JSON, CSV and plots go")
+    out.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads reading / scoring")
+    out.add_argument("--per_image", action="store_true", help="also write every image's metrics to CSV")
+    out.add_argument("--no_plots", action="store_true", help="skip the PR / F-measure plots")
+    args = p.parse_args(argv)
+    if bool(args.pred_dir) != bool(args.gt_dir):
+        p.error("--pred_dir and --gt_dir go together")
+    if not args.pred_dir and not (args.data_root and args.datasets):
+        p.error("give --pred_dir and --gt_dir, or --data_root and --datasets")
+    return args
+
+
+def _split(text: str | None) -> list[str]:
+    return [t for t in (text or "").replace(",", "+").split("+") if t]
+
+
+def _skeleton_reader(gt_dir: str):
+    """HCE skeletons from a ``ske`` folder next to ``gt_dir`` when it exists (None: compute them)."""
+    ske_dir = os.path.join(os.path.dirname(os.path.normpath(gt_dir)), "ske")
+    if not os.path.isdir(ske_dir):
+        return None
+    by_stem = {os.path.splitext(os.path.basename(f))[0]: f for f in list_images(ske_dir)}
+    return lambda stem: read_gray(by_stem[stem]) > 128 if stem in by_stem else None
+
+
+def evaluate_folder(pred_dir: str, gt_dir: str, metrics, workers: int = 1, desc: str = "",
+                    skeletons: dict | None = None) -> Evaluator:
+    """Scores every prediction in ``pred_dir`` against its ground truth in ``gt_dir``.
+
+    Args:
+      skeletons: optional dict shared between calls on the same ``gt_dir``: HCE skeletons are kept
+        there (as pixel indices) so that other methods need not recompute them.
+    """
+    pairs = pair_by_stem(list_images(pred_dir), list_images(gt_dir))
+    read_skeleton = _skeleton_reader(gt_dir) if "HCE" in metrics else None
+
+    def score(item):
+        stem, pred_path, gt_path = item
+        gt = read_gray(gt_path)
+        pred = read_gray(pred_path)
+        if pred.shape != gt.shape:
+            pred = cv2.resize(pred, (gt.shape[1], gt.shape[0]))
+        skeleton = None
+        if "HCE" in metrics:
+            if skeletons is not None and stem in skeletons:
+                skeleton = np.zeros(gt.shape, bool)
+                skeleton.flat[skeletons[stem]] = True
+            elif read_skeleton is not None:
+                skeleton = read_skeleton(stem)
+            if skeleton is None:
+                skeleton = skeleton_of(gt)
+            if skeletons is not None:
+                skeletons[stem] = np.flatnonzero(skeleton).astype(np.int64)
+        return evaluate_pair(pred, gt, metrics, skeleton, name=stem)
+
+    evaluator = Evaluator(metrics)
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        for result in tqdm(pool.map(score, pairs), total=len(pairs), desc=desc, leave=False):
+            evaluator.add(result)
+    return evaluator
+
+
+# --------------------------------------------------------------------------- inference (--ckpt)
+
+
+def _resize_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize with corner pixels aligned (PyTorch's ``align_corners=True``), float32."""
+
+    def axis(n_in, n_out):
+        src = np.arange(n_out, dtype=np.float32) * (np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else 0)
+        lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (src - lo).astype(np.float32)
+
+    r0, r1, wr = axis(x.shape[0], out_h)
+    c0, c1, wc = axis(x.shape[1], out_w)
+    rows = x[r0] * (1 - wr)[:, None] + x[r1] * wr[:, None]
+    return rows[:, c0] * (1 - wc)[None] + rows[:, c1] * wc[None]
+
+
+def predict_dataset(predictor, im_dir: str, gt_dir: str, out_dir: str, batch_size: int = 1) -> None:
+    """Writes one uint8 PNG per image of ``im_dir`` into ``out_dir``, at its ground truth's size.
+
+    As the original's test loader and inference: OpenCV reads BGR, bilinear resize to the model's
+    resolution, RGB, ImageNet normalisation; sigmoid of the logits, bilinear (corners aligned) resize
+    to the ground truth's size, and ``x * 255`` truncated to uint8.
+    """
+    h, w = predictor.resolution
+    pairs = pair_by_stem(list_images(im_dir), list_images(gt_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    for start in tqdm(range(0, len(pairs), batch_size), desc=os.path.basename(im_dir), leave=False):
+        chunk = pairs[start : start + batch_size]
+        images = []
+        for _, im_path, _ in chunk:
+            bgr = cv2.imdecode(np.fromfile(im_path, np.uint8), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise ValueError(f"cannot decode image file {im_path}")
+            rgb = cv2.cvtColor(cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+            images.append((rgb.astype(np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD)
+        logits = np.asarray(predictor(np.stack(images)), np.float32)
+        probs = 1 / (1 + np.exp(-logits[..., 0]))
+        for (stem, _, gt_path), prob in zip(chunk, probs, strict=True):
+            gh, gw = read_gray(gt_path).shape
+            pred = np.clip(_resize_align_corners(prob, gh, gw), 0, 1)
+            ok, png = cv2.imencode(".png", (pred * 255).astype(np.uint8))
+            if not ok:
+                raise RuntimeError(f"cannot encode prediction for {stem}")
+            png.tofile(os.path.join(out_dir, f"{stem}.png"))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    metrics = list(ALL_METRICS) if args.metrics == "all" else _split(args.metrics)
+    os.makedirs(args.save_dir, exist_ok=True)
+
+    # (dataset, gt folder) and, per dataset, (method, prediction folder).
+    jobs: list[tuple[str, str, list[tuple[str, str]]]] = []
+    if args.pred_dir:
+        gt_dir = os.path.normpath(args.gt_dir)
+        dataset = os.path.basename(gt_dir)
+        if dataset == "gt":  # {dataset}/gt: name it after the data set
+            dataset = os.path.basename(os.path.dirname(gt_dir)) or dataset
+        method = args.method or os.path.basename(os.path.normpath(args.pred_dir))
+        jobs.append((dataset, args.gt_dir, [(method, args.pred_dir)]))
+    else:
+        datasets = _split(args.datasets)
+        if args.ckpt:
+            from birefnet_jax.api import load_predictor  # only this path needs the model
+
+            predictor = load_predictor(args.ckpt)
+            method = args.method or os.path.splitext(os.path.basename(args.ckpt))[0]
+            for dataset in datasets:
+                predict_dataset(
+                    predictor,
+                    os.path.join(args.data_root, dataset, "im"),
+                    os.path.join(args.data_root, dataset, "gt"),
+                    os.path.join(args.pred_root, method, dataset),
+                    args.batch_size,
+                )
+            methods = [method]
+        else:
+            methods = _split(args.methods) or sorted(
+                m for m in os.listdir(args.pred_root) if os.path.isdir(os.path.join(args.pred_root, m))
+            )
+        for dataset in datasets:
+            found = [(m, os.path.join(args.pred_root, m, dataset)) for m in methods]
+            found = [(m, d) for m, d in found if os.path.isdir(d)]
+            if not found:
+                print(f"Skip {dataset}: no method under {args.pred_root} has predictions for it.")
+                continue
+            jobs.append((dataset, os.path.join(args.data_root, dataset, "gt"), found))
+
+    rows, per_image = [], {}
+    for dataset, gt_dir, methods in jobs:
+        skeletons: dict | None = {} if len(methods) > 1 and "HCE" in metrics else None
+        dataset_rows, curves = [], {}
+        for method, pred_dir in methods:
+            ev = evaluate_folder(pred_dir, gt_dir, metrics, args.workers, f"{dataset} / {method}", skeletons)
+            res = ev.results()
+            dataset_rows.append((dataset, method, res))
+            curves[method] = res
+            if args.per_image:
+                per_image[(dataset, method)] = [dict(name=p.name, **p.scalars()) for p in ev.pairs]
+        table = report.format_table(dataset_rows, args.task)
+        print(table)
+        with open(os.path.join(args.save_dir, f"{dataset}_eval.txt"), "w") as f:
+            f.write(table + "\n")
+        if not args.no_plots and "F" in metrics:
+            report.plot_curves(os.path.join(args.save_dir, dataset), dataset, curves)
+        rows.extend(dataset_rows)
+
+    report.write_json(os.path.join(args.save_dir, "results.json"), rows, args.task)
+    report.write_csv(os.path.join(args.save_dir, "results.csv"), rows, args.task)
+    for (dataset, method), records in per_image.items():
+        report.write_per_image_csv(os.path.join(args.save_dir, f"{dataset}--{method}_per_image.csv"), records)
+    return {(d, m): r for d, m, r in rows}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad inputs: a clear message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

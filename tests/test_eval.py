@@ -1,0 +1,111 @@
+"""eval.py and the metrics' file handling: reading odd images, pairing by stem, the outputs."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from birefnet_jax.metrics import Evaluator, PairingError, columns_for, pair_by_stem, read_gray
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as eval_cli  # noqa: E402  (the top-level script)
+
+
+def test_read_gray_like_opencv(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    images = {
+        "gray.png": gray,
+        "rgb.png": rng.integers(0, 256, (20, 30, 3), dtype=np.uint8),
+        "rgba.png": rng.integers(0, 256, (20, 30, 4), dtype=np.uint8),
+        "deep.png": rng.integers(0, 65536, (20, 30), dtype=np.uint16),
+        "mask.jpg": np.repeat(gray[..., None], 3, axis=2),
+    }
+    for name, image in images.items():
+        path = tmp_path / name
+        cv2.imwrite(str(path), image)
+        got = read_gray(path)
+        assert got.dtype == np.uint8 and got.shape == (20, 30), name
+        np.testing.assert_array_equal(got, cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), err_msg=name)
+    np.testing.assert_array_equal(read_gray(tmp_path / "deep.png"), (images["deep.png"] >> 8).astype(np.uint8))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        read_gray(tmp_path / "broken.png")
+    with pytest.raises(ValueError, match="missing.png"):
+        read_gray(tmp_path / "missing.png")
+
+
+def test_pairing_by_stem():
+    pairs = pair_by_stem(["p/b.png", "p/a.jpg"], ["g/a.png", "g/b.png"])
+    assert pairs == [("a", "p/a.jpg", "g/a.png"), ("b", "p/b.png", "g/b.png")]
+    with pytest.raises(PairingError) as e:
+        pair_by_stem(["p/a.png", "p/x.png", "p/y.png", "p/z.png"], ["g/a.png", "g/w.png"])
+    message = str(e.value)
+    assert "3 predictions have no ground truth: x.png, y.png, z.png" in message
+    assert "1 ground truth has no prediction: w.png" in message
+    with pytest.raises(PairingError, match="share a stem"):
+        pair_by_stem(["p/a.png", "p/a.jpg"], ["g/a.png"])
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    """{data}/{dataset}/gt and {preds}/{method}/{dataset}, from the reference pairs."""
+    root = tmp_path_factory.mktemp("eval")
+    data = np.load(Path(__file__).parent / "reference" / "metrics.npz")
+    pairs = [(data[f"pred{i}"], data[f"gt{i}"]) for i in range(4)]
+    for i, (pred, gt) in enumerate(pairs):
+        (root / "data" / "DIS-VD" / "gt").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "data" / "DIS-VD" / "gt" / f"im{i}.png"), gt)
+        for method, p in (("good", pred), ("inverted", 255 - pred)):
+            (root / "preds" / method / "DIS-VD").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / "preds" / method / "DIS-VD" / f"im{i}.png"), p)
+    return root, pairs
+
+
+def test_eval_layout_writes_table_json_csv_plots(layout):
+    root, pairs = layout
+    out = root / "results"
+    results = eval_cli.main([
+        "--pred_root", str(root / "preds"), "--data_root", str(root / "data"), "--datasets", "DIS-VD",
+        "--save_dir", str(out), "--task", "COD", "--workers", "2", "--per_image",
+    ])
+    assert set(results) == {("DIS-VD", "good"), ("DIS-VD", "inverted")}
+    direct = Evaluator()
+    for pred, gt in pairs:
+        direct.update(pred, gt)
+    expected = direct.results()
+    stored = json.loads((out / "results.json").read_text())["results"]["DIS-VD"]["good"]
+    for key in ("S", "MAE", "wF", "HCE", "MBA", "maxF", "meanE", "E_adp", "maxBIoU"):
+        assert stored[key] == pytest.approx(expected[key], rel=1e-12), key
+    np.testing.assert_allclose(stored["F_curve"], expected["F_curve"], rtol=1e-12)
+    with open(out / "results.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["Dataset", "Method", *columns_for("COD"), "count"]
+    assert [r[1] for r in rows[1:]] == ["good", "inverted"]
+    table = (out / "DIS-VD_eval.txt").read_text()
+    assert table.index("Smeasure") < table.index("wFmeasure") < table.index("meanFm")  # COD's order
+    for name in ("DIS-VD_pr.png", "DIS-VD_fm.png", "DIS-VD--good_per_image.csv"):
+        assert (out / name).stat().st_size > 0, name
+    assert stored["S"] > json.loads((out / "results.json").read_text())["results"]["DIS-VD"]["inverted"]["S"]
+
+
+def test_eval_single_folder_and_pairing_error(layout, tmp_path):
+    root, _ = layout
+    results = eval_cli.main([
+        "--pred_dir", str(root / "preds" / "good" / "DIS-VD"), "--gt_dir", str(root / "data" / "DIS-VD" / "gt"),
+        "--save_dir", str(tmp_path / "one"), "--metrics", "S+MAE", "--no_plots",
+    ])
+    assert set(results) == {("DIS-VD", "DIS-VD")}
+    assert set(results["DIS-VD", "DIS-VD"]) == {"count", "S", "MAE"}
+    extra = tmp_path / "preds"
+    extra.mkdir()
+    for name in ("im0.png", "im1.png", "stray.png"):
+        cv2.imwrite(str(extra / name), np.zeros((8, 8), np.uint8))
+    with pytest.raises(PairingError, match=r"1 prediction has no ground truth: stray.png.*2 ground truths"):
+        eval_cli.main(["--pred_dir", str(extra), "--gt_dir", str(root / "data" / "DIS-VD" / "gt"),
+                       "--save_dir", str(tmp_path / "two")])
