@@ -46,8 +46,9 @@ def deform_conv2d(
     ky, kx = jnp.meshgrid(jnp.arange(kh), jnp.arange(kw), indexing="ij")
     base_y = (jnp.arange(ho) * stride - padding)[:, None, None] + (ky.reshape(-1) * dilation)[None, None, :]
     base_x = (jnp.arange(wo) * stride - padding)[None, :, None] + (kx.reshape(-1) * dilation)[None, None, :]
-    py = base_y.astype(x.dtype)[None] + off[..., 0]  # (B, Ho, Wo, K)
-    px = base_x.astype(x.dtype)[None] + off[..., 1]
+    off = off.astype(jnp.float32)
+    py = base_y.astype(jnp.float32)[None] + off[..., 0]  # (B, Ho, Wo, K)
+    px = base_x.astype(jnp.float32)[None] + off[..., 1]
 
     inside = (py > -1) & (py < h) & (px > -1) & (px < w)
     y0 = jnp.floor(py)
@@ -71,7 +72,7 @@ def deform_conv2d(
         + corner(y0 + 1, x0 + 1, ly * lx)
     )
     if mask is not None:
-        sampled = sampled * mask[..., None]
+        sampled = sampled * mask[..., None].astype(x.dtype)
     out = jnp.einsum("bhwkc,kco->bhwo", sampled, kernel.reshape(k, c, o).astype(x.dtype))
     if bias is not None:
         out = out + bias
@@ -86,17 +87,20 @@ class DeformableConv2d(nnx.Module):
                  bias: bool = False, rngs: nnx.Rngs, dtype=None):
         k = kernel_size * kernel_size
         self.stride, self.padding = stride, padding
-        geo = dict(stride=stride, padding=padding, rngs=rngs, dtype=dtype)
-        self.offset_conv = conv2d(in_ch, 2 * k, kernel_size, zero_init=True, **geo)
-        self.modulator_conv = conv2d(in_ch, k, kernel_size, zero_init=True, **geo)
-        self.regular_conv = conv2d(in_ch, out_ch, kernel_size, bias=bias, **geo)
+        geo = dict(stride=stride, padding=padding, rngs=rngs)
+        # Sampling positions stay float32 under mixed precision: in bfloat16 a position near
+        # 256 is only resolved to a whole pixel.
+        self.offset_conv = conv2d(in_ch, 2 * k, kernel_size, zero_init=True, dtype=jnp.float32, **geo)
+        self.modulator_conv = conv2d(in_ch, k, kernel_size, zero_init=True, dtype=jnp.float32, **geo)
+        self.regular_conv = conv2d(in_ch, out_ch, kernel_size, bias=bias, dtype=dtype, **geo)
+        self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        offset = self.offset_conv(x)
-        modulator = 2.0 * jax.nn.sigmoid(self.modulator_conv(x))
+        x32 = x.astype(jnp.float32)
+        offset = self.offset_conv(x32)
+        modulator = 2.0 * jax.nn.sigmoid(self.modulator_conv(x32))
+        compute = self.dtype or x.dtype
         reg = self.regular_conv
-        kernel = reg.kernel[...]
-        bias = reg.bias[...] if reg.bias is not None else None
-        return deform_conv2d(x.astype(offset.dtype), offset, modulator, kernel.astype(offset.dtype),
-                             None if bias is None else bias.astype(offset.dtype),
+        bias = None if reg.bias is None else reg.bias[...].astype(compute)
+        return deform_conv2d(x.astype(compute), offset, modulator, reg.kernel[...].astype(compute), bias,
                              stride=self.stride, padding=self.padding)
