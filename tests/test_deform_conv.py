@@ -1,0 +1,86 @@
+"""Modulated deformable convolution against a direct per-position evaluation of its
+definition, and against torchvision's `deform_conv2d` where torchvision is installed."""
+
+import numpy as np
+import pytest
+
+from birefnet_jax.nn.deform_conv import deform_conv2d
+
+
+def _bilinear_zero_outside(img, y, x):
+    """img (H, W, C) sampled at (y, x); corners outside read as zero, nothing beyond one pixel."""
+    h, w, _ = img.shape
+    if y <= -1 or y >= h or x <= -1 or x >= w:
+        return np.zeros(img.shape[-1])
+    y0, x0 = int(np.floor(y)), int(np.floor(x))
+    ly, lx = y - y0, x - x0
+    out = np.zeros(img.shape[-1])
+    for yy, xx, wgt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x0 + 1, (1 - ly) * lx),
+                        (y0 + 1, x0, ly * (1 - lx)), (y0 + 1, x0 + 1, ly * lx)):
+        if 0 <= yy < h and 0 <= xx < w:
+            out += wgt * img[yy, xx]
+    return out
+
+
+def _direct(x, offset, mask, kernel, bias, stride, pad, dil):
+    b, h, w, c = x.shape
+    kh, kw, _, o = kernel.shape
+    ho, wo = offset.shape[1:3]
+    out = np.zeros((b, ho, wo, o))
+    for n in range(b):
+        for i in range(ho):
+            for j in range(wo):
+                for t in range(kh * kw):
+                    ky, kx = divmod(t, kw)
+                    y = i * stride - pad + ky * dil + offset[n, i, j, 2 * t]
+                    xx = j * stride - pad + kx * dil + offset[n, i, j, 2 * t + 1]
+                    v = _bilinear_zero_outside(x[n], y, xx) * mask[n, i, j, t]
+                    out[n, i, j] += v @ kernel[ky, kx]
+    return out + bias
+
+
+@pytest.mark.parametrize("k,stride,pad,dil", [(3, 1, 1, 1), (1, 1, 0, 1), (3, 2, 2, 2)])
+def test_matches_definition(k, stride, pad, dil):
+    rng = np.random.default_rng(k + stride)
+    b, h, w, c, o = 2, 5, 6, 3, 4
+    ho = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    wo = (w + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    x = rng.standard_normal((b, h, w, c))
+    offset = rng.standard_normal((b, ho, wo, 2 * k * k)) * 2.5  # reaches beyond the border
+    mask = rng.random((b, ho, wo, k * k)) * 2
+    kernel = rng.standard_normal((k, k, c, o))
+    bias = rng.standard_normal(o)
+    got = deform_conv2d(*(a.astype(np.float32) for a in (x, offset, mask, kernel, bias)),
+                        stride=stride, padding=pad, dilation=dil)
+    ref = _direct(x, offset, mask, kernel, bias, stride, pad, dil)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_offsets_and_unit_mask_is_a_plain_convolution():
+    import jax
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 7, 7, 2)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 2, 3)).astype(np.float32)
+    got = deform_conv2d(x, np.zeros((1, 7, 7, 18), np.float32), np.ones((1, 7, 7, 9), np.float32), kernel,
+                        padding=1)
+    ref = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(1, 1), (1, 1)],
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_matches_torchvision():
+    torch = pytest.importorskip("torch", reason="torch extra not installed")
+    ops = pytest.importorskip("torchvision.ops", reason="torchvision not installed (optional cross-check)")
+    rng = np.random.default_rng(0)
+    for k, pad in ((1, 0), (3, 1), (7, 3)):
+        x = rng.standard_normal((2, 8, 12, 10)).astype(np.float32)
+        off = (rng.standard_normal((2, 2 * k * k, 12, 10)) * 3).astype(np.float32)
+        m = (rng.random((2, k * k, 12, 10)) * 2).astype(np.float32)
+        w = rng.standard_normal((5, 8, k, k)).astype(np.float32)
+        ref = ops.deform_conv2d(*(torch.from_numpy(a) for a in (x, off, w)), padding=pad,
+                                mask=torch.from_numpy(m)).numpy()
+        got = deform_conv2d(x.transpose(0, 2, 3, 1), off.transpose(0, 2, 3, 1), m.transpose(0, 2, 3, 1),
+                            w.transpose(2, 3, 1, 0), padding=pad)
+        got = np.asarray(got).transpose(0, 3, 1, 2)
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-6
