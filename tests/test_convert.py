@@ -139,3 +139,31 @@ def test_presets_resolve():
 def test_invalid_config_is_explained():
     with pytest.raises(ValueError, match="dec_att='bogus'"):
         BiRefNetConfig(dec_att="bogus")
+
+
+def test_half_precision_safetensors_are_upcast(tmp_path):
+    import ml_dtypes
+
+    from birefnet_jax.convert import write_safetensors
+
+    sd = recipe_state_dict("swin_nobn")
+    half = {k: v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v for k, v in sd.items()}
+    got = read_state_dict(write_safetensors(half, tmp_path / "half.safetensors"))
+    key = "decoder.conv_out1.0.weight"
+    assert got[key].dtype == np.float32
+    np.testing.assert_array_equal(got[key], sd[key].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_hub_spec_is_resolved_through_huggingface_hub(monkeypatch, converted):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename):
+        calls.append((repo_id, filename))
+        return str(converted("swin_nobn"))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    sd = read_state_dict("hf:ZhengPeng7/BiRefNet_lite")
+    assert calls == [("ZhengPeng7/BiRefNet_lite", "model.safetensors")]
+    assert "decoder.conv_out1.0.weight" in sd

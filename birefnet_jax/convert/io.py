@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 PREFIXES = ("module.", "_orig_mod.")
@@ -79,7 +80,7 @@ def _read_pth(path: Path) -> dict[str, np.ndarray]:
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The original state dict of a `.pth` or `.safetensors` file, as numpy arrays with the
     prefixes stripped; half-precision tensors come back as float32."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointReadError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -91,7 +92,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointReadError(f"{path}: unknown checkpoint format {suffix!r}; expected .pth or .safetensors")
     if not sd:
         raise CheckpointReadError(f"{path}: contains no tensors")
+    half = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+    sd = {k: v.astype(np.float32) if v.dtype in half else v for k, v in sd.items()}
     return strip_prefixes(sd)
+
+
+HUB_PREFIX = "hf:"
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """A local path, or `hf:<repo_id>[/<file>]` downloaded with huggingface_hub (needs network;
+    the default file is `model.safetensors`, as in the released BiRefNet repositories)."""
+    spec = str(spec)
+    if not spec.startswith(HUB_PREFIX):
+        return Path(spec)
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise CheckpointReadError("hf: checkpoints need huggingface_hub: pip install 'birefnet-jax[hub]'") from None
+    parts = spec[len(HUB_PREFIX):].split("/")
+    if len(parts) < 2:
+        raise CheckpointReadError(f"{spec}: expected hf:<owner>/<repo>[/<file>]")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "model.safetensors"
+    return Path(hf_hub_download(repo_id=repo, filename=filename))
 
 
 def write_safetensors(state_dict: dict[str, np.ndarray], path: str | os.PathLike,
