@@ -101,17 +101,17 @@ def evaluate_folder(pred_dir: str, gt_dir: str, metrics, workers: int = 1, desc:
         pred = read_gray(pred_path)
         if pred.shape != gt.shape:
             pred = cv2.resize(pred, (gt.shape[1], gt.shape[0]))
-        skeleton = None
+        skeleton = None  # without a cache, HCE thins only what it needs
         if "HCE" in metrics:
             if skeletons is not None and stem in skeletons:
                 skeleton = np.zeros(gt.shape, bool)
                 skeleton.flat[skeletons[stem]] = True
             elif read_skeleton is not None:
                 skeleton = read_skeleton(stem)
-            if skeleton is None:
-                skeleton = skeleton_of(gt)
             if skeletons is not None:
-                skeletons[stem] = np.flatnonzero(skeleton).astype(np.int64)
+                if skeleton is None:
+                    skeleton = skeleton_of(gt)
+                skeletons[stem] = np.flatnonzero(skeleton)
         return evaluate_pair(pred, gt, metrics, skeleton, name=stem)
 
     evaluator = Evaluator(metrics)
@@ -125,18 +125,21 @@ def evaluate_folder(pred_dir: str, gt_dir: str, metrics, workers: int = 1, desc:
 
 
 def _resize_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize with corner pixels aligned (PyTorch's ``align_corners=True``), float32."""
+    """Bilinear resize with corner pixels aligned, in float32 and in the order of PyTorch's
+    ``interpolate(..., mode='bilinear', align_corners=True)``: along the width, then the height."""
 
     def axis(n_in, n_out):
-        src = np.arange(n_out, dtype=np.float32) * (np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else 0)
-        lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
+        src = np.arange(n_out, dtype=np.float32) * scale
+        lo = np.minimum(src.astype(np.int64), n_in - 1)
         hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, (src - lo).astype(np.float32)
+        frac = src - lo.astype(np.float32)
+        return lo, hi, np.float32(1) - frac, frac
 
-    r0, r1, wr = axis(x.shape[0], out_h)
-    c0, c1, wc = axis(x.shape[1], out_w)
-    rows = x[r0] * (1 - wr)[:, None] + x[r1] * wr[:, None]
-    return rows[:, c0] * (1 - wc)[None] + rows[:, c1] * wc[None]
+    r0, r1, wr0, wr1 = axis(x.shape[0], out_h)
+    c0, c1, wc0, wc1 = axis(x.shape[1], out_w)
+    across = wc0 * x[:, c0] + wc1 * x[:, c1]
+    return wr0[:, None] * across[r0] + wr1[:, None] * across[r1]
 
 
 def predict_dataset(predictor, im_dir: str, gt_dir: str, out_dir: str, batch_size: int = 1) -> None:

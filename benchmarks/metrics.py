@@ -6,14 +6,16 @@ Prints JSON. ``project_all`` is every metric of the original evaluator (S, MAE, 
 HCE, mBA, BIoU); ``project_shared`` and ``pysodmetrics_shared`` are the metrics both libraries have
 (S, MAE, E, F, weighted F, HCE). HCE includes computing the ground truth's skeleton in both. Each
 figure is the median over repeats of the mean over pairs, one pair at a time on one thread, after a
-warm-up (JAX compiles once per size bucket). Two kinds of pairs: ``soft`` predictions are noisy
-everywhere; ``saturated`` ones look like a trained model's (mostly exact 0 and 255, soft edges).
+warm-up (JAX compiles once per size bucket); the contenders take turns within each repeat. Two kinds
+of pairs: ``soft`` predictions are noisy everywhere; ``saturated`` ones look like a trained model's
+(mostly exact 0 and 255, soft edges).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -50,16 +52,19 @@ def pysod_shared(pred: np.ndarray, gt: np.ndarray) -> None:
             cls().step(pred, gt)
 
 
-def seconds_per_pair(fn, pairs, repeats: int) -> float:
-    for pred, gt in pairs[:1]:
-        fn(pred, gt)  # warm-up
-    runs = []
+def seconds_per_pair(fns: dict, pairs, repeats: int) -> dict:
+    """Median over repeats of the mean seconds per pair of each function; the functions take turns
+    within every repeat so that a change in the machine's load hits them alike."""
+    for fn in fns.values():
+        fn(*pairs[0])  # warm-up (JAX compiles here)
+    runs: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for pred, gt in pairs:
-            fn(pred, gt)
-        runs.append((time.perf_counter() - start) / len(pairs))
-    return statistics.median(runs)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for pred, gt in pairs:
+                fn(pred, gt)
+            runs[name].append((time.perf_counter() - start) / len(pairs))
+    return {name: statistics.median(r) for name, r in runs.items()}
 
 
 def main() -> None:
@@ -77,24 +82,28 @@ def main() -> None:
         "repeats": args.repeats,
         "jax_backend": jax.default_backend(),
         "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "seconds_per_pair": {},
     }
     for kind in ("soft", "saturated"):
         pairs = [make_pair(rng, args.size, kind) for _ in range(args.pairs)]
-        row = {
-            "project_all": seconds_per_pair(lambda p, g: evaluate_pair(p, g), pairs, args.repeats),
-            "project_shared": seconds_per_pair(lambda p, g: evaluate_pair(p, g, SHARED), pairs, args.repeats),
+        fns = {
+            "project_all": lambda p, g: evaluate_pair(p, g),
+            "project_shared": lambda p, g: evaluate_pair(p, g, SHARED),
         }
         try:
-            row["pysodmetrics_shared"] = seconds_per_pair(pysod_shared, pairs, args.repeats)
-            row["speedup_shared"] = row["pysodmetrics_shared"] / row["project_shared"]
+            import py_sod_metrics  # noqa: F401
+
+            fns["pysodmetrics_shared"] = pysod_shared
         except ImportError:
-            row["pysodmetrics_shared"] = None
+            pass
+        row = seconds_per_pair(fns, pairs, args.repeats)
+        if "pysodmetrics_shared" in row:
+            row["speedup_shared"] = row["pysodmetrics_shared"] / row["project_shared"]
         if args.breakdown:
-            row["project_each"] = {
-                m: seconds_per_pair(lambda p, g, m=m: evaluate_pair(p, g, [m]), pairs, args.repeats)
-                for m in ("S", "MAE", "MSE", "E", "F", "BIoU", "WF", "HCE", "MBA")
-            }
+            each = {m: (lambda p, g, m=m: evaluate_pair(p, g, [m])) for m in
+                    ("S", "MAE", "MSE", "E", "F", "BIoU", "WF", "HCE", "MBA")}
+            row["project_each"] = seconds_per_pair(each, pairs, args.repeats)
         out["seconds_per_pair"][kind] = row
     print(json.dumps(out, indent=1))
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from birefnet_jax.metrics import Evaluator, PairingError, columns_for, pair_by_stem, read_gray
+from birefnet_jax.metrics import Evaluator, PairingError, columns_for, evaluate_pair, pair_by_stem, read_gray
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,3 +109,21 @@ def test_eval_single_folder_and_pairing_error(layout, tmp_path):
     with pytest.raises(PairingError, match=r"1 prediction has no ground truth: stray.png.*2 ground truths"):
         eval_cli.main(["--pred_dir", str(extra), "--gt_dir", str(root / "data" / "DIS-VD" / "gt"),
                        "--save_dir", str(tmp_path / "two")])
+
+
+def test_skeletons_from_a_ske_folder(tmp_path):
+    # As the original: a ske/ folder next to gt/ supplies HCE's skeletons.
+    data = np.load(Path(__file__).parent / "reference" / "metrics.npz")
+    pred, gt = data["pred0"], data["gt0"]
+    for sub in ("gt", "ske", "pred"):
+        (tmp_path / sub).mkdir()
+    cv2.imwrite(str(tmp_path / "gt" / "a.png"), gt)
+    cv2.imwrite(str(tmp_path / "pred" / "a.png"), pred)
+    given = np.zeros(gt.shape, bool)
+    given[gt.shape[0] // 2, :] = True  # deliberately not the real skeleton
+    cv2.imwrite(str(tmp_path / "ske" / "a.png"), given.astype(np.uint8) * 255)
+    results = eval_cli.main(["--pred_dir", str(tmp_path / "pred"), "--gt_dir", str(tmp_path / "gt"),
+                             "--metrics", "HCE", "--save_dir", str(tmp_path / "out"), "--no_plots"])
+    (hce,) = [r["HCE"] for r in results.values()]
+    assert hce == evaluate_pair(pred, gt, ["HCE"], skeleton=given).HCE
+    assert hce != evaluate_pair(pred, gt, ["HCE"]).HCE

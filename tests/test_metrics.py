@@ -77,6 +77,9 @@ def _blob_pair(rng, h, w, kind):
         pred = ndimage.gaussian_filter(gt.astype(np.float64), 2) * rng.uniform(0.6, 1.0, (h, w))
         pred[:, : w // 3] = 0
         pred[0, 0], pred[-1, -1] = 0, 255
+    elif kind == "speckled":  # many small wrong regions, holes and thin bits: HCE's contour work
+        pred = np.where(rng.random((h, w)) < 0.03, 255.0, gt * (rng.random((h, w)) < 0.97))
+        pred[0, 0], pred[-1, -1] = 0, 255
     else:  # binary, shifted
         pred = np.roll(gt, (int(rng.integers(-4, 5)), int(rng.integers(-4, 5))), axis=(0, 1)).astype(np.float64)
         pred[0, 0], pred[-1, -1] = 0, 255
@@ -121,7 +124,7 @@ def _pysod_values(pred, gt):
 def test_agrees_with_pysodmetrics(shape):
     pytest.importorskip("py_sod_metrics")
     rng = np.random.default_rng(shape[0] * 1000 + shape[1])
-    for kind in ("soft", "sparse", "binary"):
+    for kind in ("soft", "sparse", "binary", "speckled"):
         pred, gt = _blob_pair(rng, *shape, kind)
         mine = evaluate_pair(pred, gt)
         for key, value in _pysod_values(pred, gt).items():
@@ -176,6 +179,40 @@ def test_batch_equals_single_pairs():
             assert getattr(got, key) == getattr(single, key), key
         for key in ("E_curve", "F_curve", "precision", "recall", "BIoU_curve"):
             np.testing.assert_array_equal(getattr(got, key), getattr(single, key), err_msg=key)
+
+
+def test_nearest_foreground_ties_like_scipy():
+    # Weighted F takes each background pixel's nearest foreground pixel from a local search; on ties
+    # it must pick what scipy's feature transform (which the original uses) picks.
+    from birefnet_jax.metrics.weighted_f import nearest_foreground_near
+
+    rng = np.random.default_rng(2)
+    for shape, density in (((90, 130), 0.02), ((64, 64), 0.3), ((200, 150), 0.002)):
+        gt = rng.random(shape) < density
+        gt[::6, ::4] |= rng.random(gt[::6, ::4].shape) < 0.5  # lattices: many equidistant pixels
+        dist, (near_r, near_c) = ndimage.distance_transform_edt(~gt, return_indices=True)
+        d2 = np.minimum(np.rint(dist**2), 266**2).astype(np.int32)
+        rows, cols, nr, nc = nearest_foreground_near(gt, d2)
+        assert rows.size > 0
+        np.testing.assert_array_equal(nr, near_r[rows, cols])
+        np.testing.assert_array_equal(nc, near_c[rows, cols])
+
+
+def test_skeleton_per_component_equals_scikit_image():
+    from skimage.morphology import skeletonize
+
+    from birefnet_jax.metrics.hce import gt_skeleton
+
+    rng = np.random.default_rng(4)
+    fg = np.zeros((300, 260), bool)
+    for _ in range(25):  # large and small components, some touching the border
+        y, x = rng.integers(0, 300), rng.integers(0, 260)
+        fg[y : y + rng.integers(1, 120), x : x + rng.integers(1, 120)] ^= True
+    np.testing.assert_array_equal(gt_skeleton(fg), skeletonize(fg))
+    misses = rng.random(fg.shape) < 0.001
+    _, labels = cv2.connectedComponents(fg.view(np.uint8), connectivity=8)
+    touched = np.isin(labels, np.unique(labels[misses & fg]))
+    np.testing.assert_array_equal(gt_skeleton(fg, touching=misses), skeletonize(fg) & touched)
 
 
 def _mba_direct(pred, fg):

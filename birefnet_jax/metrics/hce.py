@@ -19,30 +19,45 @@ import cv2
 import numpy as np
 from skimage.morphology import skeletonize
 
+from .crop import crop_around
+
 RELAX = 5
 EPSILON = 2.0
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
-def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    h, w = mask.shape
-    return (
-        slice(max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, h)),
-        slice(max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, w)),
-    )
+_ALONE = 64 * 64  # components with a bounding box this large are thinned on their own
 
 
-def gt_skeleton(fg: np.ndarray) -> np.ndarray:
-    """Skeleton of the ground truth (scikit-image's, as the original uses), computed on the
-    foreground's bounding box: thinning is local and background stays background, so it is the same."""
+def gt_skeleton(fg: np.ndarray, touching: np.ndarray | None = None) -> np.ndarray:
+    """Skeleton of the ground truth: scikit-image's (Zhang-Suen thinning), as the original uses.
+
+    Thinning decides from 8-neighbourhoods, which never span two 8-connected components, so each
+    component is thinned on its own bounding box (large ones alone, small ones together): the same
+    skeleton, without scanning the whole image on every pass until the thickest part is thin.
+
+    Args:
+      touching: if given, only components that intersect this mask are thinned (HCE only uses the
+        skeleton where the prediction misses the ground truth).
+    """
     out = np.zeros(fg.shape, bool)
-    box = _box(fg, 1)
-    if box is not None:
-        out[box] = skeletonize(fg[box])
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(fg).view(np.uint8), connectivity=8)
+    wanted = np.zeros(n, bool)
+    if touching is None:
+        wanted[1:] = True
+    else:
+        wanted[np.unique(labels[touching])] = True
+        wanted[0] = False
+    alone = wanted & (stats[:, cv2.CC_STAT_WIDTH] * stats[:, cv2.CC_STAT_HEIGHT] >= _ALONE)
+    for k in np.flatnonzero(alone):
+        x, y, w, h = stats[k, :4]
+        box = (slice(y, y + h), slice(x, x + w))
+        out[box] |= skeletonize(labels[box] == k)
+    rest = wanted & ~alone
+    if rest.any():
+        mask = rest[labels]
+        box = crop_around(mask, 0)
+        out[box] |= skeletonize(mask[box])
     return out
 
 
@@ -91,28 +106,25 @@ def _effort(mask: np.ndarray, against: np.ndarray, epsilon: float) -> int:
     run_contour = contour_of[run_starts]
     is_first = np.diff(run_contour, prepend=-1) != 0
     is_last = np.diff(run_contour, append=-1) != 0
-    merged_into = {}
-    for first_run, last_run in zip(np.flatnonzero(is_first), np.flatnonzero(is_last), strict=True):
-        if last_run == first_run:
-            continue
-        fx, fy = points[run_starts[first_run]]
-        lx, ly = points[run_ends[last_run] - 1]
-        if max(abs(int(fx) - int(lx)), abs(int(fy) - int(ly))) == 1:
-            merged_into[first_run] = last_run
-    vertices = 0
-    skip = set(merged_into)
-    tails = {last: first for first, last in merged_into.items()}
-    for k in range(len(run_starts)):
-        if k in skip:
-            continue
+    firsts, lasts = np.flatnonzero(is_first), np.flatnonzero(is_last)
+    several = firsts != lasts
+    firsts, lasts = firsts[several], lasts[several]
+    gap = np.abs(points[run_starts[firsts]].astype(np.int64) - points[run_ends[lasts] - 1])
+    joined = gap.max(axis=1) == 1  # 8-neighbours
+    heads, tails = firsts[joined], lasts[joined]
+    sizes = run_ends - run_starts
+    sizes[tails] += sizes[heads]
+    keep = np.ones(run_starts.size, bool)
+    keep[heads] = False
+    # Ramer-Douglas-Peucker keeps both ends, so runs of one or two points cost their length.
+    vertices = int(sizes[keep & (sizes <= 2)].sum())
+    head_of = dict(zip(tails.tolist(), heads.tolist(), strict=True))
+    for k in np.flatnonzero(keep & (sizes > 2)):
         run = points[run_starts[k] : run_ends[k]]
-        if k in tails:
-            head = tails[k]
+        if k in head_of:
+            head = head_of[k]
             run = np.concatenate([run, points[run_starts[head] : run_ends[head]][::-1]])
-        if len(run) <= 2:
-            vertices += len(run)
-        else:
-            vertices += len(cv2.approxPolyDP(run.reshape(-1, 1, 2).astype(np.int32), epsilon, False))
+        vertices += len(cv2.approxPolyDP(run.reshape(-1, 1, 2).astype(np.int32), epsilon, False))
     return int(vertices + free_regions)
 
 
@@ -131,14 +143,14 @@ def human_correction_effort(
     p = pred > 128
     union = p | fg
     # Everything happens within a few pixels of the union of both masks.
-    box = _box(union, relax + 3)
+    box = crop_around(union, relax + 3)
     if box is None:
         return 0
     p, g = p[box], fg[box]
-    ske = gt_skeleton(g) if skeleton is None else skeleton[box]
     tp = p & g
     fp = p & ~g
     fn = g & ~p
+    ske = gt_skeleton(g, touching=fn) if skeleton is None else skeleton[box]
     core = cv2.erode(union[box].astype(np.uint8), _CROSS, iterations=relax).view(bool)
     fp_kept = fp & _regrow(fp & core, ~g, relax)
     fn_kept = fn & _regrow(fn & core, ~p, relax)

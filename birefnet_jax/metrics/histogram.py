@@ -29,7 +29,7 @@ _MIN_BUCKET = 4096
 
 
 def bucket_length(n: int) -> int:
-    """Smallest length of the form m * 2**k (m in 4..7) that holds ``n`` pixels: under 25 % padding."""
+    """Smallest length m * 2**k (m in 4..8) that holds ``n`` pixels: at most 25 % padding."""
     if n <= _MIN_BUCKET:
         return _MIN_BUCKET
     k = max(math.ceil(math.log2(n)) - 3, 0)

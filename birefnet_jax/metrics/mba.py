@@ -13,6 +13,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .crop import crop_around
+
 STEPS = 5
 
 
@@ -23,30 +25,19 @@ def band_radii(shape: tuple[int, int], steps: int = STEPS) -> list[int]:
     return [1 + int((top - 1) / steps * i) for i in range(steps)]
 
 
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-
-
 def boundary_accuracy(pred: np.ndarray, fg: np.ndarray) -> float:
     """mBA of one pair: ``pred`` uint8 (thresholded at > 128), ``fg`` bool ground truth.
 
     Returns NaN when the ground truth has no border (see the module docstring).
     """
     radii = band_radii(fg.shape)
-    box = _bbox(fg)
-    if box is None:
-        return float("nan")
     # Bands never reach further than the largest radius from the foreground: work on that crop.
     # A margin of background around the foreground keeps the morphology identical to the full image.
-    h, w = fg.shape
-    pad = max(radii) + 1
-    r0, r1, c0, c1 = max(box[0] - pad, 0), min(box[1] + pad, h), max(box[2] - pad, 0), min(box[3] + pad, w)
-    gt = fg[r0:r1, c0:c1].astype(np.uint8)
-    correct = (pred[r0:r1, c0:c1] > 128) == fg[r0:r1, c0:c1]
+    box = crop_around(fg, max(radii) + 1)
+    if box is None:
+        return float("nan")
+    gt = fg[box].astype(np.uint8)
+    correct = (pred[box] > 128) == fg[box]
     accuracies = []
     per_radius: dict[int, float] = {}
     for radius in radii:

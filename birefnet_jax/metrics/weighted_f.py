@@ -21,6 +21,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .crop import crop_around
 from .levels import EPS
 
 _RADIUS = 3  # the 7x7 filter
@@ -79,13 +80,6 @@ def nearest_foreground_near(gt: np.ndarray, d2: np.ndarray):
     return rows, cols, near_r, near_c
 
 
-def _crop(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
-    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
-    rows, cols = mask.shape
-    return (slice(max(y - margin, 0), min(y + h + margin, rows)),
-            slice(max(x - margin, 0), min(x + w + margin, cols)))
-
-
 def weighted_f_measure(pred: np.ndarray, fg: np.ndarray, levels: np.ndarray, beta: float = 1.0) -> float:
     """Weighted F of ``pred`` (uint8, its grey levels mapped through ``levels``) against ``fg`` (bool).
 
@@ -97,7 +91,7 @@ def weighted_f_measure(pred: np.ndarray, fg: np.ndarray, levels: np.ndarray, bet
     # Pixels far from the foreground where the prediction is 0 have no error and no influence: the
     # nearest foreground pixel, and so everything else, is the same on a crop around the rest.
     nonzero = cv2.LUT(pred, (levels != 0).astype(np.uint8)).view(bool)
-    rows, cols = _crop(fg | nonzero, _RADIUS)
+    rows, cols = crop_around(fg | nonzero, _RADIUS)
     pred, gt = np.ascontiguousarray(pred[rows, cols]), np.ascontiguousarray(fg[rows, cols])
     error = cv2.LUT(pred, levels)
     np.copyto(error, cv2.LUT(pred, 1 - levels), where=gt)  # |value - gt|
