@@ -127,3 +127,28 @@ def test_skeletons_from_a_ske_folder(tmp_path):
     (hce,) = [r["HCE"] for r in results.values()]
     assert hce == evaluate_pair(pred, gt, ["HCE"], skeleton=given).HCE
     assert hce != evaluate_pair(pred, gt, ["HCE"]).HCE
+
+
+def test_eval_from_checkpoint_predicts_then_scores(tmp_path, converted):
+    """--ckpt: images of any size are resized to the checkpoint's resolution, predicted, brought
+    back to the ground truth's size, written as PNG and scored."""
+    from birefnet_jax.cli import main as cli_main
+
+    data = tmp_path / "data" / "DS"
+    (data / "im").mkdir(parents=True)
+    (data / "gt").mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(150, 100), (90, 130)]):
+        cv2.imwrite(str(data / "im" / f"img{i}.jpg"), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        gt = np.zeros((h, w), np.uint8)
+        gt[h // 4 : h // 2, w // 4 : w // 2] = 255
+        cv2.imwrite(str(data / "gt" / f"img{i}.png"), gt)
+    ckpt = tmp_path / "ckpt"
+    assert cli_main(["convert", str(converted("swin_nobn")), str(ckpt), "--resolution", "128x128"]) == 0
+    eval_cli.main(["--ckpt", str(ckpt), "--data_root", str(tmp_path / "data"), "--datasets", "DS",
+                   "--pred_root", str(tmp_path / "preds"), "--save_dir", str(tmp_path / "results")])
+    preds = sorted((tmp_path / "preds").rglob("*.png"))
+    assert [p.name for p in preds] == ["img0.png", "img1.png"]
+    assert cv2.imread(str(preds[0]), cv2.IMREAD_GRAYSCALE).shape == (150, 100)
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert "DS" in json.dumps(results)
