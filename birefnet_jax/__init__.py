@@ -1,7 +1,16 @@
 """BiRefNet in JAX/Flax NNX, with verified conversion of the original PyTorch checkpoints."""
 
 from birefnet_jax.api import load, load_predictor, make_predict_fn, normalize
-from birefnet_jax.config import BACKBONES, PRESETS, BiRefNetConfig, PvtV2Config, SwinConfig, get_preset
+from birefnet_jax.config import (
+    BACKBONES,
+    PRESETS,
+    BiRefNetConfig,
+    PvtV2Config,
+    ResNetConfig,
+    SwinConfig,
+    VggConfig,
+    get_preset,
+)
 from birefnet_jax.model import BiRefNet, TrainOutputs, count_params
 
 __all__ = [
@@ -10,8 +19,10 @@ __all__ = [
     "BiRefNet",
     "BiRefNetConfig",
     "PvtV2Config",
+    "ResNetConfig",
     "SwinConfig",
     "TrainOutputs",
+    "VggConfig",
     "count_params",
     "get_preset",
     "load",

@@ -118,7 +118,8 @@ class BiRefNetConfig:
         if self.squeeze_block:
             kind, _, count = self.squeeze_block.partition("_x")
             if kind not in SQUEEZE_KINDS or not count.isdigit() or int(count) < 1:
-                problems.append(f"squeeze_block={self.squeeze_block!r}: expected '' or '<{'|'.join(SQUEEZE_KINDS)}>_x<n>'")
+                kinds = "|".join(SQUEEZE_KINDS)
+                problems.append(f"squeeze_block={self.squeeze_block!r}: expected '' or '<{kinds}>_x<n>'")
         elif self.cxt_num:
             problems.append("cxt_num > 0 needs a squeeze block (the original breaks without one)")
         if not self.dec_ipt:

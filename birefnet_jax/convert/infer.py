@@ -3,7 +3,7 @@
 Everything that changes the parameters is inferable. Two switches are not, because they
 leave the weights identical: `mul_scl_ipt='add'` versus `''` (both keep the backbone
 widths) and PVT v2 head counts outside the presets. They default to '' and the preset
-heads and can be overridden.
+heads and can be overridden. (VGG/ResNet checkpoints can only be '': see BiRefNetConfig.)
 """
 
 from __future__ import annotations
