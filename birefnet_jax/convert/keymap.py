@@ -21,23 +21,28 @@ class ConversionError(ValueError):
     """A state dict does not fit the model: lists every missing, unexpected and mis-shaped key."""
 
 
-# (original module path pattern, NNX module path replacement), applied to the dotted module path.
-_RENAMES = [
-    (r"\.global_avg_pool\.1$", ".global_avg_pool.conv"),
-    (r"\.global_avg_pool\.2$", ".global_avg_pool.bn"),
-    (r"\.gdt_convs_(\d)\.0$", r".gdt_convs_\1.conv"),
-    (r"\.gdt_convs_(\d)\.1$", r".gdt_convs_\1.bn"),
-    (r"\.(gdt_convs_pred_\d|gdt_convs_attn_\d|conv_out1)\.0$", r".\1"),
-    (r"^cls_head\.0$", "cls_head"),
+# Where the original nests `nn.Sequential` indices, NNX has named attributes:
+# (original module path, NNX module path), `{n}` standing for a pyramid level digit.
+_MODULE_NAMES = [
+    ("global_avg_pool.1", "global_avg_pool.conv"),
+    ("global_avg_pool.2", "global_avg_pool.bn"),
+    ("gdt_convs_{n}.0", "gdt_convs_{n}.conv"),
+    ("gdt_convs_{n}.1", "gdt_convs_{n}.bn"),
+    ("gdt_convs_pred_{n}.0", "gdt_convs_pred_{n}"),
+    ("gdt_convs_attn_{n}.0", "gdt_convs_attn_{n}"),
+    ("conv_out1.0", "conv_out1"),
+    ("cls_head.0", "cls_head"),
 ]
-_INVERSE = [
-    (r"\.global_avg_pool\.conv$", ".global_avg_pool.1"),
-    (r"\.global_avg_pool\.bn$", ".global_avg_pool.2"),
-    (r"\.gdt_convs_(\d)\.conv$", r".gdt_convs_\1.0"),
-    (r"\.gdt_convs_(\d)\.bn$", r".gdt_convs_\1.1"),
-    (r"\.(gdt_convs_pred_\d|gdt_convs_attn_\d|conv_out1)$", r".\1.0"),
-    (r"^cls_head$", "cls_head.0"),
-]
+
+
+def _rule(src: str, dst: str) -> tuple[str, str]:
+    """A regex rule rewriting the module path suffix `src` (after a dot or at the start) to `dst`."""
+    pattern = r"(^|\.)" + re.escape(src).replace(r"\{n\}", r"(?P<n>\d)") + "$"
+    return pattern, r"\g<1>" + dst.replace("{n}", r"\g<n>")
+
+
+_RENAMES = [_rule(src, dst) for src, dst in _MODULE_NAMES]
+_INVERSE = [_rule(dst, src) for src, dst in _MODULE_NAMES]
 _LEAF = {"running_mean": "mean", "running_var": "var"}
 _LEAF_INV = {"mean": "running_mean", "var": "running_var", "kernel": "weight", "scale": "weight"}
 DERIVED_BUFFER = "relative_position_index"
