@@ -15,8 +15,8 @@ def laplacian_kernel(size: int = 5) -> jax.Array:
 
 def gradient_map(images: jax.Array, size: int = 5) -> jax.Array:
     """(B, H, W, 3) normalised images -> (B, H, W, 1) Laplacian of their channel mean."""
-    x = jnp.mean(images.astype(jnp.float32), axis=-1, keepdims=True)
+    x = jnp.mean(images.astype(jnp.promote_types(images.dtype, jnp.float32)), axis=-1, keepdims=True)
     r = size // 2
     x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
-    k = laplacian_kernel(size)[:, :, None, None]
+    k = laplacian_kernel(size)[:, :, None, None].astype(x.dtype)
     return jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))

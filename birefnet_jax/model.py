@@ -20,7 +20,7 @@ from birefnet_jax.backbones import build_backbone
 from birefnet_jax.config import BiRefNetConfig
 from birefnet_jax.gradient import gradient_map
 from birefnet_jax.modules.blocks import BasicLatBlk, SimpleConvs, build_block
-from birefnet_jax.nn.layers import BatchNorm2d, apply_opt, conv2d, maybe_bn, resize_bilinear
+from birefnet_jax.nn.layers import BatchNorm2d, apply_opt, at_least_f32, conv2d, maybe_bn, resize_bilinear
 
 
 @jax.tree_util.register_dataclass
@@ -200,7 +200,7 @@ class BiRefNet(nnx.Module):
         grad_target = gradient_map(x) if training and self.cfg.out_ref else None
         preds, gdt_preds, gdt_labels = self.decoder(x, (x1, x2, x3, x4), grad_target)
         if not training:
-            return preds[-1].astype(jnp.float32)
+            return preds[-1].astype(at_least_f32(preds[-1].dtype))
         return TrainOutputs(preds, gdt_preds, gdt_labels, cls_logits)
 
 

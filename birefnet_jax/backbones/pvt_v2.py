@@ -7,11 +7,12 @@ PyTorch's default 1e-5 in the patch embeddings and the spatial-reduction norm.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from birefnet_jax.config import PvtV2Config
-from birefnet_jax.nn.layers import conv2d
+from birefnet_jax.nn.layers import at_least_f32, conv2d
 
 
 class OverlapPatchEmbed(nnx.Module):
@@ -45,7 +46,10 @@ class Attention(nnx.Module):
         q = self.q(x).reshape(b, h * w, nh, c // nh)
         src = x if self.sr is None else self.norm(self.sr(x))
         kv = self.kv(src).reshape(b, -1, 2, nh, c // nh)
-        out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (c // nh) ** -0.5, k)
+        attn = jax.nn.softmax(logits.astype(at_least_f32(logits.dtype)), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
         return self.proj(out.reshape(b, h, w, c))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from birefnet_jax.config import SwinConfig
-from birefnet_jax.nn.layers import conv2d
+from birefnet_jax.nn.layers import at_least_f32, conv2d
 
 _NEG = -1e9  # stands for -inf in the shifted-window mask; exp underflows to exactly 0
 
@@ -86,7 +86,7 @@ class WindowAttention(nnx.Module):
         logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q * self.scale, k) + bias.astype(q.dtype)
         if mask is not None:
             logits = logits + jnp.asarray(mask, q.dtype)[None, :, None]
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        attn = jax.nn.softmax(logits.astype(at_least_f32(logits.dtype)), axis=-1).astype(v.dtype)
         out = jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, c)
         return self.proj(out)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from birefnet_jax.nn.layers import conv2d
+from birefnet_jax.nn.layers import at_least_f32, conv2d
 
 
 def deform_conv2d(
@@ -46,9 +46,9 @@ def deform_conv2d(
     ky, kx = jnp.meshgrid(jnp.arange(kh), jnp.arange(kw), indexing="ij")
     base_y = (jnp.arange(ho) * stride - padding)[:, None, None] + (ky.reshape(-1) * dilation)[None, None, :]
     base_x = (jnp.arange(wo) * stride - padding)[None, :, None] + (kx.reshape(-1) * dilation)[None, None, :]
-    off = off.astype(jnp.float32)
-    py = base_y.astype(jnp.float32)[None] + off[..., 0]  # (B, Ho, Wo, K)
-    px = base_x.astype(jnp.float32)[None] + off[..., 1]
+    off = off.astype(at_least_f32(off.dtype))
+    py = base_y.astype(off.dtype)[None] + off[..., 0]  # (B, Ho, Wo, K)
+    px = base_x.astype(off.dtype)[None] + off[..., 1]
 
     inside = (py > -1) & (py < h) & (px > -1) & (px < w)
     y0 = jnp.floor(py)
@@ -90,13 +90,14 @@ class DeformableConv2d(nnx.Module):
         geo = dict(stride=stride, padding=padding, rngs=rngs)
         # Sampling positions stay float32 under mixed precision: in bfloat16 a position near
         # 256 is only resolved to a whole pixel.
-        self.offset_conv = conv2d(in_ch, 2 * k, kernel_size, zero_init=True, dtype=jnp.float32, **geo)
-        self.modulator_conv = conv2d(in_ch, k, kernel_size, zero_init=True, dtype=jnp.float32, **geo)
+        pos_dtype = None if dtype is None else at_least_f32(dtype)
+        self.offset_conv = conv2d(in_ch, 2 * k, kernel_size, zero_init=True, dtype=pos_dtype, **geo)
+        self.modulator_conv = conv2d(in_ch, k, kernel_size, zero_init=True, dtype=pos_dtype, **geo)
         self.regular_conv = conv2d(in_ch, out_ch, kernel_size, bias=bias, dtype=dtype, **geo)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(at_least_f32(x.dtype))
         offset = self.offset_conv(x32)
         modulator = 2.0 * jax.nn.sigmoid(self.modulator_conv(x32))
         compute = self.dtype or x.dtype

@@ -72,7 +72,7 @@ class BatchNorm2d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         out_dtype = self.dtype or x.dtype
-        xf = x.astype(jnp.float32)
+        xf = x.astype(at_least_f32(x.dtype))
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
@@ -90,6 +90,11 @@ class BatchNorm2d(nnx.Module):
         return y.astype(out_dtype)
 
 
+def at_least_f32(dtype):
+    """The dtype for statistics and coordinates: float32, or float64 when computing in it."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def maybe_bn(enabled: bool, channels: int, dtype=None) -> BatchNorm2d | None:
     """The original replaces BatchNorm by Identity when trained with batch size 1."""
     return BatchNorm2d(channels, dtype=dtype) if enabled else None
@@ -101,14 +106,15 @@ def apply_opt(module, x):
 
 
 @lru_cache(maxsize=256)
-def _align_corners_taps(n_in: int, n_out: int):
+def _align_corners_taps(n_in: int, n_out: int, double: bool = False):
     """Source indices and weights of 1D linear interpolation with aligned corners."""
-    # float32 arithmetic, as PyTorch computes the source coordinates of float32 inputs.
-    scale = np.float32(0.0) if n_out == 1 else np.float32(n_in - 1) / np.float32(n_out - 1)
-    src = np.arange(n_out, dtype=np.float32) * scale
+    # In the input's precision, as PyTorch computes the source coordinates.
+    ft = np.float64 if double else np.float32
+    scale = ft(0.0) if n_out == 1 else ft(n_in - 1) / ft(n_out - 1)
+    src = np.arange(n_out, dtype=ft) * scale
     i0 = np.clip(np.floor(src).astype(np.int32), 0, n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = (src - i0.astype(np.float32)).astype(np.float32)
+    frac = (src - i0.astype(ft)).astype(ft)
     return i0, i1, frac
 
 
@@ -116,7 +122,7 @@ def _resize_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
     n_in = x.shape[axis]
     if n_in == n_out:
         return x
-    i0, i1, frac = _align_corners_taps(n_in, n_out)
+    i0, i1, frac = _align_corners_taps(n_in, n_out, x.dtype == jnp.float64)
     shape = [1] * x.ndim
     shape[axis] = n_out
     w1 = jnp.asarray(frac, x.dtype).reshape(shape)

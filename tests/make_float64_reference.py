@@ -1,0 +1,91 @@
+"""Generate `tests/reference/model_<case>_float64.npz`: the original BiRefNet's logits for the
+shared reference cases, computed in float64 (the shared data is float32, whose own rounding is
+~3e-5 on these cases).
+
+Needs a checkout of the original (github.com/ZhengPeng7/BiRefNet) and an environment with
+torch, torchvision, timm, kornia, einops and huggingface_hub; one case per process, because the
+original reads its config once at import:
+
+    python tests/make_float64_reference.py /path/to/original swin_w7
+
+It first checks that the float32 run reproduces the shared reference exactly.
+"""
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+
+
+def rel(u, v):
+    return float(np.linalg.norm(u - v) / np.linalg.norm(v))
+
+
+def build_original(original: str, case: str):
+    sys.path.insert(0, original)
+    sys.path.insert(0, str(HERE))
+    import config as original_config  # the original's Config, patched before its models import it
+
+    meta = json.loads((HERE / "reference" / f"model_{case}.json").read_text())
+    base_init = original_config.Config.__init__
+
+    def patched_init(self):
+        base_init(self)
+        for k, v in meta["config_overrides"].items():
+            setattr(self, k, v)
+        self.lateral_channels_in_collection = meta["original_config"]["lateral_channels_in_collection"]
+        self.cxt = meta["original_config"]["cxt"]
+
+    original_config.Config.__init__ = patched_init
+    import models.birefnet as birefnet
+
+    b = meta["backbone"]
+    if b["kind"] == "swin_v1":
+        from models.backbones.swin_v1 import SwinTransformer
+
+        def make():
+            return SwinTransformer(embed_dim=b["embed_dim"], depths=b["depths"], num_heads=b["num_heads"],
+                                   window_size=b["window_size"])
+    else:
+        from models.backbones.pvt_v2 import PyramidVisionTransformerImpr
+
+        def make():
+            return PyramidVisionTransformerImpr(
+                patch_size=4, embed_dims=b["embed_dims"], num_heads=b["num_heads"], mlp_ratios=b["mlp_ratios"],
+                qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), depths=b["depths"],
+                sr_ratios=b["sr_ratios"])
+
+    birefnet.build_backbone = lambda *args, **kwargs: make()
+    return birefnet.BiRefNet(bb_pretrained=False)
+
+
+def main(original: str, case: str):
+    net = build_original(original, case)
+    from reference_models import case_arrays, recipe_state_dict
+
+    state = {k: torch.from_numpy(np.asarray(v)) for k, v in recipe_state_dict(case).items()}
+    net.load_state_dict(state, strict=True)
+    net.eval()
+    arrays = case_arrays(case)
+    out = {}
+    with torch.no_grad():
+        i = 0
+        while f"input{i}" in arrays.files:
+            x = torch.from_numpy(arrays[f"input{i}"])
+            y32 = net(x)[-1].numpy()
+            assert rel(y32, arrays[f"output{i}"]) < 1e-6, "the float32 run must reproduce the shared reference"
+            y64 = net.double()(x.double())[-1].numpy()
+            net.float()
+            out[f"output{i}"] = y64
+            print(case, i, "float32 reference vs float64:", rel(arrays[f"output{i}"], y64))
+            i += 1
+    np.savez_compressed(HERE / "reference" / f"model_{case}_float64.npz", **out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
