@@ -7,8 +7,11 @@ torch, torchvision, timm, kornia, einops and huggingface_hub; one case per proce
 original reads its config once at import:
 
     python tests/make_float64_reference.py /path/to/original swin_w7
+    python tests/make_float64_reference.py /path/to/original train   # train_swin_w7_float64.npz
 
-It first checks that the float32 run reproduces the shared reference exactly.
+It first checks that the float32 run reproduces the shared reference exactly. The training
+case replays the shared reference's step: PyTorch seed 0 before building, Swin's stochastic
+depth on (its keep decisions are checked against train_swin_w7_droppath.npy), ASPP dropout off.
 """
 
 import json
@@ -87,5 +90,45 @@ def main(original: str, case: str):
     np.savez_compressed(HERE / "reference" / f"model_{case}_float64.npz", **out)
 
 
+def main_train(original: str):
+    torch.manual_seed(0)
+    net = build_original(original, "swin_w7")
+    from reference_models import recipe_state_dict
+    from timm.layers import DropPath
+
+    net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in recipe_state_dict("swin_w7").items()})
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    net.train()
+    net.double()
+    masks = []
+
+    def record(mod, inputs, output):
+        x = inputs[0]
+        ratio = output * (1 - mod.drop_prob) / torch.where(x == 0, torch.ones_like(x), x)
+        masks.append(ratio.reshape(x.shape[0], -1)[:, 0].round().detach().numpy().astype(np.uint8))
+
+    for m in net.modules():
+        if isinstance(m, DropPath):
+            m.register_forward_hook(record)
+    data = np.load(HERE / "reference" / "train_swin_w7.npz")
+    (gdt, preds), _ = net(torch.from_numpy(data["input"]).double())
+    assert np.array_equal(np.stack(masks), np.load(HERE / "reference" / "train_swin_w7_droppath.npy"))
+    out = {f"pred{i}": p.detach().numpy() for i, p in enumerate(preds)}
+    for i in range(3):
+        out[f"gdt_pred{i}"] = gdt[0][i].detach().numpy()
+        out[f"gdt_label{i}"] = gdt[1][i].detach().numpy()
+    state = net.state_dict()
+    for key in data.files:
+        if key.startswith("after_step/"):
+            out[key] = state[key.split("/", 1)[1]].numpy()
+    print({k: rel(data[k], v) for k, v in out.items()})
+    np.savez_compressed(HERE / "reference" / "train_swin_w7_float64.npz", **out)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[2] == "train":
+        main_train(sys.argv[1])
+    else:
+        main(sys.argv[1], sys.argv[2])
