@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from birefnet_jax.backbones.sequential import MaxPool2d, ReLU, Sequential
+from birefnet_jax.backbones.sequential import MaxPool2d, ReLU, Sequential, StagedBackbone
 from birefnet_jax.config import ResNetConfig
 from birefnet_jax.nn.layers import BatchNorm2d, conv2d
 
@@ -51,7 +51,7 @@ def _stage(in_ch: int, width: int, depth: int, stride: int, *, rngs, dtype) -> S
     return Sequential(blocks)
 
 
-class ResNet(nnx.Module):
+class ResNet(StagedBackbone):
     """Returns the four stage outputs (256, 512, 1024, 2048 channels at strides 4..32)."""
 
     def __init__(self, cfg: ResNetConfig, *, rngs: nnx.Rngs, dtype=None):
@@ -69,10 +69,3 @@ class ResNet(nnx.Module):
         for i in (1, 2, 3):
             setattr(self, f"conv{i + 1}", _stage(in_ch, STAGE_WIDTHS[i], cfg.depths[i], 2, **kw))
             in_ch = STAGE_WIDTHS[i] * EXPANSION
-
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        outs = []
-        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
-            x = stage(x)
-            outs.append(x)
-        return tuple(outs)

@@ -39,3 +39,15 @@ class MaxPool2d(nnx.Module):
         return jax.lax.reduce_window(
             x, jnp.array(-jnp.inf, x.dtype), jax.lax.max,
             (1, k, k, 1), (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+class StagedBackbone(nnx.Module):
+    """A backbone held as four stage modules `conv1..conv4` (the original's `bb.conv<i>`), run
+    one after the other; returns every stage's output."""
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        outs = []
+        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = stage(x)
+            outs.append(x)
+        return tuple(outs)

@@ -8,10 +8,9 @@ sit at those same indices.
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
-from birefnet_jax.backbones.sequential import MaxPool2d, ReLU, Sequential
+from birefnet_jax.backbones.sequential import MaxPool2d, ReLU, Sequential, StagedBackbone
 from birefnet_jax.config import VggConfig
 from birefnet_jax.nn.layers import BatchNorm2d, conv2d
 
@@ -35,7 +34,7 @@ def vgg_features(batch_norm: bool, *, rngs: nnx.Rngs, dtype=None) -> list:
     return layers
 
 
-class VGG16(nnx.Module):
+class VGG16(StagedBackbone):
     """Returns the four stage outputs (128, 256, 512, 512 channels at strides 4..32)."""
 
     def __init__(self, cfg: VggConfig, *, rngs: nnx.Rngs, dtype=None):
@@ -46,10 +45,3 @@ class VGG16(nnx.Module):
             end = pool_at[n_pools - 1] + 1
             setattr(self, f"conv{stage}", Sequential([None] * start + layers[start:end]))
             start = end
-
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        outs = []
-        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
-            x = stage(x)
-            outs.append(x)
-        return tuple(outs)
