@@ -22,9 +22,12 @@ def case_arrays(case: str):
 
 
 def recipe_state_dict(case: str) -> dict[str, np.ndarray]:
-    """The original state dict, in the original key order."""
-    meta = case_meta(case)
-    arrays = case_arrays(case)
+    """The original state dict of a model case, in the original key order."""
+    return state_dict_from_recipe(case_meta(case), case_arrays(case))
+
+
+def state_dict_from_recipe(meta: dict, arrays) -> dict[str, np.ndarray]:
+    """Float tensors from their NumPy recipe (`meta["weights"]`), integer buffers from `arrays`."""
     sd = {}
     for key in meta["state_dict_keys"]:
         w = meta["weights"].get(key)
@@ -36,6 +39,18 @@ def recipe_state_dict(case: str) -> dict[str, np.ndarray]:
         v = w["low"] + (w["high"] - w["low"]) * rng.random(n)
         sd[key] = v.astype(np.float32).reshape(w["shape"])
     return sd
+
+
+def to_float64(model):
+    """Cast a model's floating-point weights and statistics to float64 (inside jax.enable_x64)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    nnx.update(model, jax.tree.map(
+        lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, state))
+    return model
 
 
 def case_overrides(case: str) -> dict:

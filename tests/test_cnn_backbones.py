@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from reference_models import state_dict_from_recipe
 
 import birefnet_jax
 from birefnet_jax.backbones import build_backbone
@@ -49,17 +50,7 @@ def _arrays(name: str) -> dict[str, np.ndarray]:
 def _recipe_state_dict(name: str) -> dict[str, np.ndarray]:
     """The full original BiRefNet state dict (torchvision backbone keys + decoder), rebuilt
     from the NumPy recipe in the original key order."""
-    meta, arrays = _meta(name), _arrays(name)
-    sd = {}
-    for key in meta["state_dict_keys"]:
-        w = meta["weights"].get(key)
-        if w is None:
-            sd[key] = arrays[f"buffer/{key}"]
-            continue
-        rng = np.random.Generator(np.random.PCG64(w["seed"]))
-        v = w["low"] + (w["high"] - w["low"]) * rng.random(int(np.prod(w["shape"])))
-        sd[key] = v.astype(np.float32).reshape(w["shape"])
-    return sd
+    return state_dict_from_recipe(_meta(name), _arrays(name))
 
 
 def _shapes_only(name: str) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from reference_models import MODEL_CASES, REF, case_arrays, case_overrides
+from reference_models import MODEL_CASES, REF, case_arrays, case_overrides, to_float64
 
 import birefnet_jax
 from birefnet_jax.verify import relative_error
@@ -24,10 +24,7 @@ def test_float64_matches_original_float64(case, converted):
     expected = np.load(REF / f"model_{case}_float64.npz")
     arrays = case_arrays(case)
     with jax.enable_x64(True):
-        model = birefnet_jax.load(converted(case), **case_overrides(case))
-        state = nnx.state(model, (nnx.Param, nnx.BatchStat))
-        nnx.update(model, jax.tree.map(
-            lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, state))
+        model = to_float64(birefnet_jax.load(converted(case), **case_overrides(case)))
         for name in expected.files:
             x = arrays["input" + name[len("output"):]].transpose(0, 2, 3, 1).astype(np.float64)
             out = _forward(model, x)

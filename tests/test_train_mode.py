@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from reference_models import REF, recipe_state_dict
+from reference_models import REF, recipe_state_dict, to_float64
 
 from birefnet_jax.api import model_from_state_dict
 from birefnet_jax.convert import infer_config, model_to_state_dict
@@ -45,9 +45,7 @@ def _train_model(replay=None, float64=False):
     cfg = infer_config(sd).replace(dropout=0.0)  # ASPP dropout was off in the reference
     model = model_from_state_dict(sd, cfg)
     if float64:
-        state = nnx.state(model, (nnx.Param, nnx.BatchStat))
-        nnx.update(model, jax.tree.map(
-            lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, state))
+        to_float64(model)
     if replay is not None:
         for layer in model.bb.layers:
             for blk in layer.blocks:
@@ -62,32 +60,6 @@ def _train_forward(model, x):
     return model(x)
 
 
-def test_train_outputs_and_batchnorm_update():
-    data = np.load(REF / "train_swin_w7.npz")
-    masks = list(np.load(REF / "train_swin_w7_droppath.npy"))
-    model = _train_model(masks)
-    out = _train_forward(model, data["input"].transpose(0, 2, 3, 1))
-    assert not masks, "every recorded drop-path decision is used once"
-    nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731
-    assert len(out.preds) == 4 and len(out.gdt_preds) == 3 and len(out.gdt_labels) == 3
-    errors = {}
-    for i, p in enumerate(out.preds):
-        errors[f"pred{i}"] = relative_error(nchw(p), data[f"pred{i}"])
-    for i in range(3):
-        errors[f"gdt_pred{i}"] = relative_error(nchw(out.gdt_preds[i]), data[f"gdt_pred{i}"])
-        errors[f"gdt_label{i}"] = relative_error(nchw(out.gdt_labels[i]), data[f"gdt_label{i}"])
-    after = model_to_state_dict(model)
-    for key in data.files:
-        if key.startswith("after_step/"):
-            errors[key] = relative_error(after[key.split("/", 1)[1]], data[key])
-    assert any(k.startswith("after_step/") for k in errors)
-    bad = {k: e for k, e in errors.items() if not e < TOL}
-    assert not bad, bad
-    assert errors["pred3"] < 1e-4, errors["pred3"]
-    # num_batches_tracked advanced by exactly one step.
-    assert all(int(v) == 1 for k, v in after.items() if k.endswith("num_batches_tracked"))
-
-
 def _errors(out, model, expected):
     nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731
     errors = {f"pred{i}": relative_error(nchw(p), expected[f"pred{i}"]) for i, p in enumerate(out.preds)}
@@ -99,6 +71,23 @@ def _errors(out, model, expected):
         if key.startswith("after_step/"):
             errors[key] = relative_error(after[key.split("/", 1)[1]], expected[key])
     return errors
+
+
+def test_train_outputs_and_batchnorm_update():
+    data = np.load(REF / "train_swin_w7.npz")
+    masks = list(np.load(REF / "train_swin_w7_droppath.npy"))
+    model = _train_model(masks)
+    out = _train_forward(model, data["input"].transpose(0, 2, 3, 1))
+    assert not masks, "every recorded drop-path decision is used once"
+    assert len(out.preds) == 4 and len(out.gdt_preds) == 3 and len(out.gdt_labels) == 3
+    errors = _errors(out, model, data)
+    after = model_to_state_dict(model)
+    assert any(k.startswith("after_step/") for k in errors)
+    bad = {k: e for k, e in errors.items() if not e < TOL}
+    assert not bad, bad
+    assert errors["pred3"] < 1e-4, errors["pred3"]
+    # num_batches_tracked advanced by exactly one step.
+    assert all(int(v) == 1 for k, v in after.items() if k.endswith("num_batches_tracked"))
 
 
 def test_train_step_in_float64_is_exact():
