@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -27,19 +28,22 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
 def save_model(model: BiRefNet, directory: str | os.PathLike, *, overwrite: bool = False,
                extra: dict | None = None) -> Path:
     """Save weights and config. Orbax writes into a temporary directory and renames it when
-    complete, so an interrupted save never leaves a checkpoint that looks whole."""
+    complete, so an interrupted save never leaves a checkpoint that looks whole; with
+    `overwrite`, the old checkpoint is replaced only once the new one is complete."""
     directory = Path(directory).absolute()
-    if directory.exists():
-        if not overwrite:
-            raise FileExistsError(f"{directory} exists; choose another path or pass overwrite=True (--force)")
-        import shutil
-
-        shutil.rmtree(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; choose another path or pass overwrite=True (--force)")
     state = nnx.to_pure_dict(nnx.state(model, _WEIGHTS))
     meta = {"birefnet_config": model.cfg.to_dict(), **(extra or {})}
+    target = directory.with_name(f"{directory.name}.new-{os.getpid()}") if directory.exists() else directory
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(directory, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
-                                                    CONFIG_ITEM: ocp.args.JsonSave(meta)}))
+        ckptr.save(target, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                                 CONFIG_ITEM: ocp.args.JsonSave(meta)}))
+    if target != directory:
+        old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
+        directory.rename(old)
+        target.rename(directory)
+        shutil.rmtree(old)
     return directory
 
 

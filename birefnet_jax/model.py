@@ -183,9 +183,9 @@ class BiRefNet(nnx.Module):
         return x4
 
     def __call__(self, x: jax.Array):
-        h, w = x.shape[1], x.shape[2]
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected NHWC images with 3 channels, got shape {x.shape}")
+        h, w = x.shape[1], x.shape[2]
         if h % 32 or w % 32:
             raise ValueError(f"image size {h}x{w} is not a multiple of 32; resize or pad the input "
                              f"(e.g. to {-(-h // 32) * 32}x{-(-w // 32) * 32})")

@@ -167,3 +167,25 @@ def test_hub_spec_is_resolved_through_huggingface_hub(monkeypatch, converted):
     sd = read_state_dict("hf:ZhengPeng7/BiRefNet_lite")
     assert calls == [("ZhengPeng7/BiRefNet_lite", "model.safetensors")]
     assert "decoder.conv_out1.0.weight" in sd
+
+
+def test_overwrite_replaces_a_checkpoint_only_when_complete(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    sd = recipe_state_dict("swin_nobn")
+    model = model_from_state_dict(sd)
+    ckpt = save_model(model, tmp_path / "ckpt")
+    with pytest.raises(FileExistsError, match="--force"):
+        save_model(model, ckpt)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.Checkpointer, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, ckpt, overwrite=True)
+    monkeypatch.undo()
+    back = model_to_state_dict(load_model(ckpt))  # the old checkpoint is intact
+    assert all(np.array_equal(back[k], sd[k]) for k in sd)
+    save_model(model, ckpt, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
