@@ -39,6 +39,7 @@ from birefnet_jax.metrics import (
     skeleton_of,
 )
 from birefnet_jax.metrics.io import list_images
+from birefnet_jax.nn.layers import align_corners_taps
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -125,21 +126,12 @@ def evaluate_folder(pred_dir: str, gt_dir: str, metrics, workers: int = 1, desc:
 
 
 def _resize_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize with corner pixels aligned, in float32 and in the order of PyTorch's
-    ``interpolate(..., mode='bilinear', align_corners=True)``: along the width, then the height."""
-
-    def axis(n_in, n_out):
-        scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
-        src = np.arange(n_out, dtype=np.float32) * scale
-        lo = np.minimum(src.astype(np.int64), n_in - 1)
-        hi = np.minimum(lo + 1, n_in - 1)
-        frac = src - lo.astype(np.float32)
-        return lo, hi, np.float32(1) - frac, frac
-
-    r0, r1, wr0, wr1 = axis(x.shape[0], out_h)
-    c0, c1, wc0, wc1 = axis(x.shape[1], out_w)
-    across = wc0 * x[:, c0] + wc1 * x[:, c1]
-    return wr0[:, None] * across[r0] + wr1[:, None] * across[r1]
+    """Bilinear resize with corners aligned, in NumPy (ground truths come in many sizes; a jitted
+    resize would compile once per size), with the model's taps: along the width, then the height."""
+    c0, c1, fc = align_corners_taps(x.shape[1], out_w)
+    r0, r1, fr = align_corners_taps(x.shape[0], out_h)
+    across = x[:, c0] * (1 - fc) + x[:, c1] * fc
+    return across[r0] * (1 - fr)[:, None] + across[r1] * fr[:, None]
 
 
 def predict_dataset(predictor, im_dir: str, gt_dir: str, out_dir: str, batch_size: int = 1) -> None:
@@ -169,7 +161,9 @@ def predict_dataset(predictor, im_dir: str, gt_dir: str, out_dir: str, batch_siz
             ok, png = cv2.imencode(".png", (pred * 255).astype(np.uint8))
             if not ok:
                 raise RuntimeError(f"cannot encode prediction for {stem}")
-            png.tofile(os.path.join(out_dir, f"{stem}.png"))
+            target = os.path.join(out_dir, f"{stem}.png")
+            png.tofile(target + ".tmp")
+            os.replace(target + ".tmp", target)  # never a half-written PNG under the final name
 
 
 # --------------------------------------------------------------------------- main

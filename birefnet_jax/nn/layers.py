@@ -106,7 +106,7 @@ def apply_opt(module, x):
 
 
 @lru_cache(maxsize=256)
-def _align_corners_taps(n_in: int, n_out: int, double: bool = False):
+def align_corners_taps(n_in: int, n_out: int, double: bool = False):
     """Source indices and weights of 1D linear interpolation with aligned corners."""
     # In the input's precision, as PyTorch computes the source coordinates.
     ft = np.float64 if double else np.float32
@@ -122,7 +122,7 @@ def _resize_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
     n_in = x.shape[axis]
     if n_in == n_out:
         return x
-    i0, i1, frac = _align_corners_taps(n_in, n_out, x.dtype == jnp.float64)
+    i0, i1, frac = align_corners_taps(n_in, n_out, x.dtype == jnp.float64)
     shape = [1] * x.ndim
     shape[axis] = n_out
     w1 = jnp.asarray(frac, x.dtype).reshape(shape)
