@@ -20,7 +20,7 @@ from birefnet_jax.backbones import build_backbone
 from birefnet_jax.config import BiRefNetConfig
 from birefnet_jax.gradient import gradient_map
 from birefnet_jax.modules.blocks import BasicLatBlk, SimpleConvs, build_block
-from birefnet_jax.nn.layers import BatchNorm2d, apply_opt, at_least_f32, conv2d, maybe_bn, resize_bilinear
+from birefnet_jax.nn.layers import apply_opt, at_least_f32, conv2d, maybe_bn, resize_bilinear
 
 
 @jax.tree_util.register_dataclass
@@ -215,4 +215,4 @@ def count_params(model: nnx.Module) -> int:
     return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-__all__ = ["BiRefNet", "BatchNorm2d", "TrainOutputs", "abstract_model", "count_params", "image_to_patches"]
+__all__ = ["BiRefNet", "TrainOutputs", "abstract_model", "count_params", "image_to_patches"]

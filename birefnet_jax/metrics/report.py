@@ -34,7 +34,6 @@ COLUMN_KEYS = {
     "Smeasure": "S", "wFmeasure": "wF", "MAE": "MAE", "MSE": "MSE", "HCE": "HCE", "mBA": "MBA",
     "maxBIoU": "maxBIoU", "meanBIoU": "meanBIoU",
 }
-CURVE_KEYS = ("E_curve", "F_curve", "precision", "recall", "BIoU_curve")
 
 
 def columns_for(task: str) -> list[str]:
