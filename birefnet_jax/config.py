@@ -6,78 +6,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from birefnet_jax.backbones import PRESETS as BACKBONES
+from birefnet_jax.backbones import TABLE, spec_of
+from birefnet_jax.backbones.pvt_v2 import PvtV2Config
+from birefnet_jax.backbones.resnet import ResNetConfig
+from birefnet_jax.backbones.swin import SwinConfig
+from birefnet_jax.backbones.vgg import VggConfig
+
 MUL_SCL_IPT = ("", "add", "cat")
 DEC_ATT = ("", "ASPP", "ASPPDeformable")
 DEC_BLK = ("BasicDecBlk", "ResBlk")
 SQUEEZE_KINDS = ("BasicDecBlk", "ResBlk", "ASPP", "ASPPDeformable")
 
 
-@dataclasses.dataclass(frozen=True)
-class SwinConfig:
-    """Swin Transformer v1 (shifted windows, patch size 4)."""
-
-    embed_dim: int = 96
-    depths: tuple[int, ...] = (2, 2, 6, 2)
-    num_heads: tuple[int, ...] = (3, 6, 12, 24)
-    window_size: int = 7
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.2
-    kind: str = "swin_v1"
-
-    @property
-    def channels(self) -> tuple[int, ...]:
-        """Output widths of the four stages, shallow to deep."""
-        return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
-
-
-@dataclasses.dataclass(frozen=True)
-class PvtV2Config:
-    """Pyramid Vision Transformer v2 (overlapping patch embedding, spatial-reduction attention)."""
-
-    embed_dims: tuple[int, ...] = (64, 128, 320, 512)
-    num_heads: tuple[int, ...] = (1, 2, 5, 8)
-    mlp_ratios: tuple[float, ...] = (8, 8, 4, 4)
-    depths: tuple[int, ...] = (3, 4, 6, 3)
-    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
-    drop_path_rate: float = 0.1
-    kind: str = "pvt_v2"
-
-    @property
-    def channels(self) -> tuple[int, ...]:
-        return tuple(self.embed_dims)
-
-
-@dataclasses.dataclass(frozen=True)
-class VggConfig:
-    """torchvision's VGG16 feature extractor (optionally with BatchNorm after every conv),
-    cut after its 2nd..5th max pools as the original does."""
-
-    batch_norm: bool = False
-    kind: str = "vgg16"
-
-    @property
-    def channels(self) -> tuple[int, ...]:
-        return (128, 256, 512, 512)
-
-
-@dataclasses.dataclass(frozen=True)
-class ResNetConfig:
-    """torchvision's bottleneck ResNet (v1.5: stride on the 3x3 conv); stage 1 includes the stem.
-    `depths` are the bottleneck counts per stage; the original offers only ResNet-50's."""
-
-    depths: tuple[int, ...] = (3, 4, 6, 3)
-    kind: str = "resnet"
-
-    @property
-    def channels(self) -> tuple[int, ...]:
-        return (256, 512, 1024, 2048)
-
-
-BackboneConfig = SwinConfig | PvtV2Config | VggConfig | ResNetConfig
-BACKBONE_KINDS = {"swin_v1": SwinConfig, "pvt_v2": PvtV2Config, "vgg16": VggConfig, "resnet": ResNetConfig}
-# Backbones the original runs stage by stage (`bb.conv1..conv4`): it has no single call for them,
-# so its `add` multi-scale branch (which calls the backbone as a whole) fails.
-STAGEWISE_KINDS = ("vgg16", "resnet")
+# The backbone configs live beside their modules (one file per family, see `birefnet_jax.backbones`);
+# they are re-exported here because a BiRefNet config holds one.
+BackboneConfig = Any  # one of the config classes in `birefnet_jax.backbones.TABLE`
+BACKBONE_KINDS: dict[str, type] = {kind: spec.config for kind, spec in TABLE.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,22 +33,37 @@ class BiRefNetConfig:
     builds Identity wherever the decoder would have BatchNorm.
     """
 
+    # Encoder of the localization module: which backbone, and its size (default Swin-L, the original's swin_v1_l).
     backbone: BackboneConfig = dataclasses.field(default_factory=lambda: SwinConfig(
         embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12))
+    # Multi-scale input: the image at half size goes through the backbone too; 'cat' concatenates, 'add' sums, '' off.
     mul_scl_ipt: str = "cat"
+    # Context: how many shallower encoder levels (0-3) are resized onto the deepest one and concatenated to it.
     cxt_num: int = 3
+    # Squeeze module on the deepest, context-enriched features: '<block>_x<n>' stacks n such blocks; '' none.
     squeeze_block: str = "BasicDecBlk_x1"
+    # Block of each decoder stage: 'BasicDecBlk' (conv, attention, conv) or 'ResBlk' (the same plus a 1x1 skip).
     dec_blk: str = "BasicDecBlk"
+    # Attention inside every decoder / squeeze block: 'ASPP' (dilated convs), 'ASPPDeformable' (deformable), '' none.
     dec_att: str = "ASPPDeformable"
+    # Inward bilateral reference (source): the input image itself is fed into every decoder stage via small convs.
     dec_ipt: bool = True
+    # How that image is fed: True cuts it into stage-sized patches stacked on channels (lossless), False resizes it.
     dec_ipt_split: bool = True
+    # Multi-stage supervision: decoder stages 4..2 also predict a coarse mask, for extra losses (training only).
     ms_supervision: bool = True
+    # Outward bilateral reference (target): the object's gradient maps supervise an attention on decoder stages 4..2.
     out_ref: bool = True
+    # BatchNorm in decoder / ASPP blocks (the original's batch_size > 1); False builds identities, as with batch 1.
     batch_norm: bool = True
+    # Width inside each decoder block: 'fixed' is 64 channels, 'adap' a quarter of the block's input channels.
     dec_channels_inter: str = "fixed"
-    num_classes: int = 0  # > 0: the auxiliary classification head (`auxiliary_classification`)
-    dropout: float = 0.5  # inside ASPP, active in training only
-    resolution: tuple[int, int] = (1024, 1024)  # (height, width) the checkpoint was trained at
+    # Classes of the auxiliary classification head on the deepest features (training only); 0: no head.
+    num_classes: int = 0
+    # Dropout rate at the end of each ASPP attention, active in training only (0.5, fixed in the original).
+    dropout: float = 0.5
+    # (height, width) the checkpoint was trained at; inputs are resized to it (the original's size is (w, h)).
+    resolution: tuple[int, int] = (1024, 1024)
 
     def __post_init__(self):
         problems = []
@@ -126,10 +86,14 @@ class BiRefNetConfig:
             problems.append("dec_ipt=False is not buildable in the original (its decoder widths need it)")
         if self.out_ref and not self.ms_supervision:
             problems.append("out_ref needs ms_supervision (the original ties them)")
-        if self.mul_scl_ipt == "add" and self.backbone.kind in STAGEWISE_KINDS:
+        if self.mul_scl_ipt == "add" and spec_of(self.backbone.kind).stagewise:
             problems.append(f"mul_scl_ipt='add' with a {self.backbone.kind} backbone: the original cannot run it "
                             "(its 'add' branch calls the backbone as one module, which VGG/ResNet are not); "
                             "use 'cat' or ''")
+        res = tuple(self.resolution)
+        if len(res) != 2 or any(not isinstance(v, int) or v < 32 or v % 32 for v in res):
+            problems.append(f"resolution={self.resolution!r}: expected (height, width), each a positive multiple "
+                            "of 32 (the backbone downsamples 32x), e.g. (1024, 1024)")
         if self.dec_channels_inter not in ("fixed", "adap"):
             problems.append(f"dec_channels_inter={self.dec_channels_inter!r} not in ('fixed', 'adap')")
         if problems:
@@ -166,28 +130,10 @@ class BiRefNetConfig:
     def from_dict(cls, d: dict[str, Any]) -> BiRefNetConfig:
         d = dict(d)
         bb = dict(d.pop("backbone"))
-        bb_cls = BACKBONE_KINDS[bb["kind"]]
+        bb_cls = spec_of(bb["kind"]).config
         bb = bb_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in bb.items()})
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(backbone=bb, **d)
-
-
-# Backbone presets, named as in the original (`config.bb`).
-BACKBONES: dict[str, BackboneConfig] = {
-    "swin_v1_t": SwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
-    "swin_v1_s": SwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7),
-    "swin_v1_b": SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12),
-    "swin_v1_l": SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
-    "pvt_v2_b0": PvtV2Config(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
-    "pvt_v2_b1": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(2, 2, 2, 2)),
-    "pvt_v2_b2": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3)),
-    "pvt_v2_b3": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 4, 18, 3)),
-    "pvt_v2_b4": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 8, 27, 3)),
-    "pvt_v2_b5": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
-    "vgg16": VggConfig(batch_norm=False),
-    "vgg16bn": VggConfig(batch_norm=True),
-    "resnet50": ResNetConfig(depths=(3, 4, 6, 3)),
-}
 
 
 def backbone_name(bb: BackboneConfig) -> str | None:
@@ -238,3 +184,18 @@ def get_preset(name: str) -> BiRefNetConfig:
     if name in BACKBONES:
         return _released(name)
     raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)} or a backbone name {sorted(BACKBONES)}")
+
+
+__all__ = [
+    "BACKBONES",
+    "BACKBONE_KINDS",
+    "PRESETS",
+    "BackboneConfig",
+    "BiRefNetConfig",
+    "PvtV2Config",
+    "ResNetConfig",
+    "SwinConfig",
+    "VggConfig",
+    "backbone_name",
+    "get_preset",
+]

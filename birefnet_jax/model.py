@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,8 +18,9 @@ from flax import nnx
 from birefnet_jax.backbones import build_backbone
 from birefnet_jax.config import BiRefNetConfig
 from birefnet_jax.gradient import gradient_map
-from birefnet_jax.modules.blocks import BasicLatBlk, SimpleConvs, build_block
-from birefnet_jax.nn.layers import apply_opt, at_least_f32, conv2d, maybe_bn, resize_bilinear
+from birefnet_jax.modules.blocks import build_block
+from birefnet_jax.modules.decoder import Decoder, image_to_patches
+from birefnet_jax.nn.layers import at_least_f32, resize_bilinear
 
 
 @jax.tree_util.register_dataclass
@@ -40,103 +40,6 @@ class TrainOutputs:
     gdt_preds: list
     gdt_labels: list
     cls_logits: jax.Array | None
-
-
-def image_to_patches(x: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
-    """Split the image into a grid and stack the cells along channels, (c, gh, gw) order:
-    the source reference seen by each decoder level at its own resolution."""
-    return einops.rearrange(x, "b (gh h) (gw w) c -> b h w (c gh gw)", gh=grid_h, gw=grid_w)
-
-
-class GradientBranch(nnx.Module):
-    """conv3x3 -> BN -> ReLU, shared by the gradient prediction and attention heads."""
-
-    def __init__(self, in_ch: int, width: int, batch_norm: bool, *, rngs, dtype):
-        self.conv = conv2d(in_ch, width, 3, padding=1, rngs=rngs, dtype=dtype)
-        self.bn = maybe_bn(batch_norm, width, dtype)
-
-    def __call__(self, x):
-        return jax.nn.relu(apply_opt(self.bn, self.conv(x)))
-
-
-class Decoder(nnx.Module):
-    """Reconstruction module: decoder blocks from deep to shallow, each fed the image patches
-    of its resolution (source reference) and, with `out_ref`, gated by gradient attention
-    (target reference)."""
-
-    GDT_WIDTH = 16
-
-    def __init__(self, cfg: BiRefNetConfig, *, rngs: nnx.Rngs, dtype=None):
-        self.cfg = cfg
-        self.deterministic = True
-        self.capture_intermediates = False  # sow decoder block outputs (for parity checks)
-        ch = list(cfg.lateral_channels)
-        out_ch = ch[1:] + [ch[-1] // 2]
-        ipt_out = [c // 8 for c in ch]
-        ipt_in = [3 * 4**k for k in (5, 4, 3, 2, 0)] if cfg.dec_ipt_split else [3] * 5
-        for level, i_in, i_out in zip((5, 4, 3, 2, 1), ipt_in, [ipt_out[0]] + ipt_out, strict=True):
-            setattr(self, f"ipt_blk{level}", SimpleConvs(i_in, i_out, rngs=rngs, dtype=dtype))
-        blk = dict(attention=cfg.dec_att, inter_channels=cfg.dec_channels_inter, batch_norm=cfg.batch_norm,
-                   dropout=cfg.dropout, rngs=rngs, dtype=dtype)
-        for i, level in enumerate((4, 3, 2, 1)):
-            in_ch = ch[i] + ipt_out[max(0, i - 1)]
-            setattr(self, f"decoder_block{level}", build_block(cfg.dec_blk, in_ch, out_ch[i], **blk))
-        self.conv_out1 = conv2d(out_ch[3] + ipt_out[3], 1, 1, rngs=rngs, dtype=dtype)
-        for i, level in enumerate((4, 3, 2)):
-            setattr(self, f"lateral_block{level}", BasicLatBlk(ch[i + 1], out_ch[i], rngs=rngs, dtype=dtype))
-        for i, level in enumerate((4, 3, 2)):
-            if cfg.ms_supervision:
-                setattr(self, f"conv_ms_spvn_{level}", conv2d(out_ch[i], 1, 1, rngs=rngs, dtype=dtype))
-            if cfg.out_ref:
-                n = self.GDT_WIDTH
-                setattr(self, f"gdt_convs_{level}",
-                        GradientBranch(out_ch[i], n, cfg.batch_norm, rngs=rngs, dtype=dtype))
-                setattr(self, f"gdt_convs_pred_{level}", conv2d(n, 1, 1, rngs=rngs, dtype=dtype))
-                setattr(self, f"gdt_convs_attn_{level}", conv2d(n, 1, 1, rngs=rngs, dtype=dtype))
-
-    def _with_patches(self, feat, image, level):
-        """Concatenate the source reference for this level: the image (split into a grid of
-        patches stacked on channels when `dec_ipt_split`) encoded by `ipt_blk<level>`."""
-        h, w = feat.shape[1], feat.shape[2]
-        if self.cfg.dec_ipt_split:
-            ref = image_to_patches(image, image.shape[1] // h, image.shape[2] // w)
-        else:
-            ref = image
-        ref = resize_bilinear(ref, (h, w))
-        return jnp.concatenate([feat, getattr(self, f"ipt_blk{level}")(ref)], axis=-1)
-
-    def _block(self, level, p):
-        p = getattr(self, f"decoder_block{level}")(p)
-        if self.capture_intermediates:
-            self.sow(nnx.Intermediate, f"decoder_block{level}_out", p)
-        return p
-
-    def __call__(self, image, feats, grad_target=None):
-        x1, x2, x3, x4 = feats
-        training = not self.deterministic
-        side, gdt_preds, gdt_labels = [], [], []
-        skips = {4: x3, 3: x2, 2: x1}
-        p = self._with_patches(x4, image, 5)
-        for level in (4, 3, 2):
-            p = self._block(level, p)
-            if self.cfg.ms_supervision and training:
-                m = getattr(self, f"conv_ms_spvn_{level}")(p)
-                side.append(m)
-            if self.cfg.out_ref:
-                g = getattr(self, f"gdt_convs_{level}")(p)
-                if training:
-                    up = resize_bilinear(m, grad_target.shape[1:3])
-                    gdt_labels.append(grad_target * up)
-                    gdt_preds.append(getattr(self, f"gdt_convs_pred_{level}")(g))
-                p = p * jax.nn.sigmoid(getattr(self, f"gdt_convs_attn_{level}")(g))
-            skip = skips[level]
-            p = resize_bilinear(p, skip.shape[1:3]) + getattr(self, f"lateral_block{level}")(skip)
-            p = self._with_patches(p, image, level)
-        p = self._block(1, p)
-        p = resize_bilinear(p, image.shape[1:3])
-        p = self._with_patches(p, image, 1)
-        final = self.conv_out1(p)
-        return side + [final], gdt_preds, gdt_labels
 
 
 class BiRefNet(nnx.Module):
@@ -210,9 +113,21 @@ def abstract_model(cfg: BiRefNetConfig, dtype=None) -> BiRefNet:
     return nnx.eval_shape(lambda: BiRefNet(cfg, rngs=nnx.Rngs(0), dtype=dtype))
 
 
+def materialize_rng_state(model: nnx.Module, seed: int = 0) -> nnx.Module:
+    """Give a model made by `nnx.eval_shape` concrete RNG streams (dropout, drop path), derived
+    from `seed`; the eval-mode forward never draws from them."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.RngState))
+    for i, (_, var) in enumerate(flat):
+        if isinstance(var, nnx.RngKey):
+            var.set_value(jax.random.fold_in(jax.random.key(seed), i))
+        else:
+            var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
+    return model
+
+
 def count_params(model: nnx.Module) -> int:
     """Learnable parameters (BatchNorm running statistics excluded)."""
     return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-__all__ = ["BiRefNet", "TrainOutputs", "abstract_model", "count_params", "image_to_patches"]
+__all__ = ["BiRefNet", "TrainOutputs", "abstract_model", "count_params", "image_to_patches", "materialize_rng_state"]

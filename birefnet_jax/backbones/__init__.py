@@ -1,21 +1,44 @@
-"""Backbone registry: a backbone config kind -> the module that builds it."""
+"""The backbone table: every family registered once, from its own file.
+
+Adding a backbone means one new file (config dataclass, presets, NNX module, `infer_config`
+from state-dict keys, and a `SPEC`) and one entry in `TABLE` below. Order matters where one
+family's identifying key could also occur in another (ResNet's stem sits where VGG's first conv
+does, so ResNet is tried first).
+"""
 
 from __future__ import annotations
 
 from flax import nnx
 
-from birefnet_jax.backbones.pvt_v2 import PyramidVisionTransformerV2
-from birefnet_jax.backbones.resnet import ResNet
-from birefnet_jax.backbones.swin import SwinTransformer
-from birefnet_jax.backbones.vgg import VGG16
-from birefnet_jax.config import BackboneConfig
+from birefnet_jax.backbones import pvt_v2, resnet, swin, vgg
+from birefnet_jax.backbones.spec import ArchitectureError, BackboneSpec
 
-REGISTRY = {"swin_v1": SwinTransformer, "pvt_v2": PyramidVisionTransformerV2, "vgg16": VGG16, "resnet": ResNet}
+TABLE: dict[str, BackboneSpec] = {spec.kind: spec for spec in (swin.SPEC, pvt_v2.SPEC, resnet.SPEC, vgg.SPEC)}
+
+# Every named backbone config, as the original names them (`config.bb`).
+PRESETS = {name: cfg for spec in TABLE.values() for name, cfg in spec.presets.items()}
 
 
-def build_backbone(cfg: BackboneConfig, *, rngs: nnx.Rngs, dtype=None) -> nnx.Module:
+def spec_of(kind: str) -> BackboneSpec:
     try:
-        cls = REGISTRY[cfg.kind]
+        return TABLE[kind]
     except KeyError:
-        raise ValueError(f"unknown backbone kind {cfg.kind!r}; known: {sorted(REGISTRY)}") from None
-    return cls(cfg, rngs=rngs, dtype=dtype)
+        raise ValueError(f"unknown backbone kind {kind!r}; known: {sorted(TABLE)}") from None
+
+
+def build_backbone(cfg, *, rngs: nnx.Rngs, dtype=None) -> nnx.Module:
+    return spec_of(cfg.kind).module(cfg, rngs=rngs, dtype=dtype)
+
+
+def detect(state_dict) -> BackboneSpec:
+    """The family whose identifying key the state dict has."""
+    for spec in TABLE.values():
+        if spec.key in state_dict:
+            return spec
+    sample = ", ".join(list(state_dict)[:5])
+    raise ArchitectureError(
+        f"not a BiRefNet state dict of a known backbone ({', '.join(TABLE)}): none of their keys "
+        f"({', '.join(s.key for s in TABLE.values())}) is present; first keys: {sample}")
+
+
+__all__ = ["PRESETS", "TABLE", "ArchitectureError", "BackboneSpec", "build_backbone", "detect", "spec_of"]

@@ -6,13 +6,42 @@ PyTorch's default 1e-5 in the patch embeddings and the spatial-reduction norm.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from birefnet_jax.config import PvtV2Config
+from birefnet_jax.backbones.spec import ArchitectureError, BackboneSpec, count_indices, shape_of
 from birefnet_jax.nn.layers import at_least_f32, conv2d
+
+
+@dataclasses.dataclass(frozen=True)
+class PvtV2Config:
+    """Pyramid Vision Transformer v2 (overlapping patch embedding, spatial-reduction attention)."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 320, 512)
+    num_heads: tuple[int, ...] = (1, 2, 5, 8)
+    mlp_ratios: tuple[float, ...] = (8, 8, 4, 4)
+    depths: tuple[int, ...] = (3, 4, 6, 3)
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
+    drop_path_rate: float = 0.1
+    kind: str = "pvt_v2"
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return tuple(self.embed_dims)
+
+
+PRESETS = {
+    "pvt_v2_b0": PvtV2Config(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
+    "pvt_v2_b1": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(2, 2, 2, 2)),
+    "pvt_v2_b2": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3)),
+    "pvt_v2_b3": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 4, 18, 3)),
+    "pvt_v2_b4": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 8, 27, 3)),
+    "pvt_v2_b5": PvtV2Config(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
+}
 
 
 class OverlapPatchEmbed(nnx.Module):
@@ -120,3 +149,33 @@ class PyramidVisionTransformerV2(nnx.Module):
 
 
 
+
+
+def infer_config(sd, num_heads=None) -> PvtV2Config:
+    """Everything but the head counts is in the weights; those come from the preset with the same
+    widths, or from `num_heads` (CLI `--num-heads`)."""
+    dims = tuple(shape_of(sd, f"bb.patch_embed{i}.proj.weight")[0] for i in range(1, 5))
+    depths = tuple(count_indices(sd, rf"bb\.block{i}\.(\d+)\.") for i in range(1, 5))
+    ratios = tuple(shape_of(sd, f"bb.block{i}.0.mlp.fc1.weight")[0] / dims[i - 1] for i in range(1, 5))
+    ratios = tuple(int(r) if float(r).is_integer() else r for r in ratios)
+    sr = tuple(sd[f"bb.block{i}.0.attn.sr.weight"].shape[-1] if f"bb.block{i}.0.attn.sr.weight" in sd else 1
+               for i in range(1, 5))
+    if num_heads is None:
+        presets = [p for p in PRESETS.values() if p.embed_dims == dims]
+        if not presets:
+            raise ArchitectureError(
+                f"PVT v2 with widths {dims} is not a preset, and head counts cannot be read from the "
+                "weights: pass num_heads (CLI: --num-heads 1,2,5,8)")
+        num_heads = presets[0].num_heads
+    num_heads = tuple(num_heads)
+    if len(num_heads) != 4:
+        raise ArchitectureError(f"num_heads needs one count per PVT v2 stage (4), got {len(num_heads)}: {num_heads}")
+    bad = [f"stage {i + 1}: {d} channels / {h} heads" for i, (d, h) in enumerate(zip(dims, num_heads, strict=True))
+           if h < 1 or d % h]
+    if bad:
+        raise ArchitectureError("num_heads must divide each stage's width: " + "; ".join(bad))
+    return PvtV2Config(embed_dims=dims, num_heads=num_heads, mlp_ratios=ratios, depths=depths, sr_ratios=sr)
+
+
+SPEC = BackboneSpec(kind="pvt_v2", config=PvtV2Config, module=PyramidVisionTransformerV2, presets=PRESETS,
+                    key="bb.patch_embed1.proj.weight", infer=infer_config)

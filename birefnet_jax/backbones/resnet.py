@@ -7,12 +7,30 @@ torchvision puts the stride on the 3x3 conv (ResNet v1.5), which changes the num
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 
 from birefnet_jax.backbones.sequential import MaxPool2d, ReLU, Sequential, StagedBackbone
-from birefnet_jax.config import ResNetConfig
+from birefnet_jax.backbones.spec import BackboneSpec, count_indices
 from birefnet_jax.nn.layers import BatchNorm2d, conv2d
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+    """torchvision's bottleneck ResNet (v1.5: stride on the 3x3 conv); stage 1 includes the stem.
+    `depths` are the bottleneck counts per stage; the original offers only ResNet-50's."""
+
+    depths: tuple[int, ...] = (3, 4, 6, 3)
+    kind: str = "resnet"
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return (256, 512, 1024, 2048)
+
+
+PRESETS = {"resnet50": ResNetConfig(depths=(3, 4, 6, 3))}
 
 EXPANSION = 4
 STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; outputs are 4x these
@@ -69,3 +87,14 @@ class ResNet(StagedBackbone):
         for i in (1, 2, 3):
             setattr(self, f"conv{i + 1}", _stage(in_ch, STAGE_WIDTHS[i], cfg.depths[i], 2, **kw))
             in_ch = STAGE_WIDTHS[i] * EXPANSION
+
+
+def infer_config(sd) -> ResNetConfig:
+    """Stage 1 nests its bottlenecks at index 4 (after the stem); stages 2..4 are the layers."""
+    depths = (count_indices(sd, r"bb\.conv1\.4\.(\d+)\."),
+              *(count_indices(sd, rf"bb\.conv{i}\.(\d+)\.") for i in (2, 3, 4)))
+    return ResNetConfig(depths=depths)
+
+
+SPEC = BackboneSpec(kind="resnet", config=ResNetConfig, module=ResNet, presets=PRESETS,
+                    key="bb.conv1.4.0.conv1.weight", infer=infer_config, stagewise=True)

@@ -6,6 +6,8 @@ afterwards, so any size works; the shifted-window mask is built from the padded 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from functools import lru_cache
 
 import jax
@@ -13,8 +15,34 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from birefnet_jax.config import SwinConfig
+from birefnet_jax.backbones.spec import BackboneSpec, count_indices, shape_of
 from birefnet_jax.nn.layers import at_least_f32, conv2d
+
+
+@dataclasses.dataclass(frozen=True)
+class SwinConfig:
+    """Swin Transformer v1 (shifted windows, patch size 4)."""
+
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.2
+    kind: str = "swin_v1"
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Output widths of the four stages, shallow to deep."""
+        return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
+
+
+PRESETS = {
+    "swin_v1_t": SwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "swin_v1_s": SwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "swin_v1_b": SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12),
+    "swin_v1_l": SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
+}
 
 _NEG = -1e9  # stands for -inf in the shifted-window mask; exp underflows to exactly 0
 
@@ -184,3 +212,20 @@ class SwinTransformer(nnx.Module):
             out, x = layer(x)
             outs.append(getattr(self, f"norm{i}")(out))
         return tuple(outs)
+
+
+def infer_config(sd) -> SwinConfig:
+    """Widths from the patch embedding, depths from the block indices, heads and window from the
+    relative-position bias tables (one column per head, (2w-1)^2 rows)."""
+    embed = shape_of(sd, "bb.patch_embed.proj.weight")[0]
+    n_layers = count_indices(sd, r"bb\.layers\.(\d+)\.")
+    depths = tuple(count_indices(sd, rf"bb\.layers\.{i}\.blocks\.(\d+)\.") for i in range(n_layers))
+    tables = [shape_of(sd, f"bb.layers.{i}.blocks.0.attn.relative_position_bias_table") for i in range(n_layers)]
+    window = int(round((math.sqrt(tables[0][0]) + 1) / 2))
+    hidden = shape_of(sd, "bb.layers.0.blocks.0.mlp.fc1.weight")[0]
+    return SwinConfig(embed_dim=embed, depths=depths, num_heads=tuple(t[1] for t in tables), window_size=window,
+                      mlp_ratio=hidden / embed)
+
+
+SPEC = BackboneSpec(kind="swin_v1", config=SwinConfig, module=SwinTransformer, presets=PRESETS,
+                    key="bb.layers.0.blocks.0.attn.qkv.weight", infer=infer_config)

@@ -8,11 +8,29 @@ sit at those same indices.
 
 from __future__ import annotations
 
+import dataclasses
+
 from flax import nnx
 
 from birefnet_jax.backbones.sequential import MaxPool2d, ReLU, Sequential, StagedBackbone
-from birefnet_jax.config import VggConfig
+from birefnet_jax.backbones.spec import BackboneSpec
 from birefnet_jax.nn.layers import BatchNorm2d, conv2d
+
+
+@dataclasses.dataclass(frozen=True)
+class VggConfig:
+    """torchvision's VGG16 feature extractor (optionally with BatchNorm after every conv),
+    cut after its 2nd..5th max pools as the original does."""
+
+    batch_norm: bool = False
+    kind: str = "vgg16"
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return (128, 256, 512, 512)
+
+
+PRESETS = {"vgg16": VggConfig(batch_norm=False), "vgg16bn": VggConfig(batch_norm=True)}
 
 # torchvision's configuration "D": conv widths, "M" for a 2x2 max pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -45,3 +63,12 @@ class VGG16(StagedBackbone):
             end = pool_at[n_pools - 1] + 1
             setattr(self, f"conv{stage}", Sequential([None] * start + layers[start:end]))
             start = end
+
+
+def infer_config(sd) -> VggConfig:
+    """The BN variant has a BatchNorm right after the first conv."""
+    return VggConfig(batch_norm="bb.conv1.1.running_mean" in sd)
+
+
+SPEC = BackboneSpec(kind="vgg16", config=VggConfig, module=VGG16, presets=PRESETS, key="bb.conv1.0.weight",
+                    infer=infer_config, stagewise=True)

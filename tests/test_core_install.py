@@ -1,0 +1,76 @@
+"""The core install stays light: importing the package, converting a `.safetensors` file and a
+forward pass load none of the extras' heavy packages, and each backbone family is registered once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from birefnet_jax.backbones import TABLE, detect
+from birefnet_jax.convert import infer_config
+from birefnet_jax.convert.keymap import path_to_torch_key
+from birefnet_jax.model import abstract_model
+
+HEAVY = ("tensorflow", "torch", "scipy", "skimage", "cv2", "matplotlib", "clu", "tensorflow_datasets")
+
+
+def test_import_convert_and_predict_import_nothing_heavy(converted, tmp_path):
+    src = converted("swin_nobn")
+    code = f"""
+import sys
+import numpy as np
+import birefnet_jax
+from birefnet_jax.checkpoint import save_model
+model = birefnet_jax.load({str(src)!r})
+save_model(model, {str(tmp_path / 'ckpt')!r})
+predictor = birefnet_jax.load_predictor({str(tmp_path / 'ckpt')!r})
+out = predictor(np.zeros((1, 64, 64, 3), np.uint8))
+assert out.shape == (1, 64, 64, 1)
+heavy = [m for m in {HEAVY!r} if m in sys.modules]
+print("HEAVY", heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "HEAVY []" in out.stdout, out.stdout
+
+
+class _Shape:
+    """Stands in for a tensor where only the shape is read."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+# One preset per structural variant (the parameter counts of the big ones are checked in test_convert).
+@pytest.mark.parametrize("name", ["swin_v1_t", "swin_v1_b", "pvt_v2_b0", "pvt_v2_b2", "resnet50", "vgg16", "vgg16bn"])
+def test_each_preset_is_recognised_and_sized_from_its_keys(name):
+    """The table's key identifies the family and its `infer_config` recovers the preset, from the
+    keys and shapes the model itself would save."""
+    from flax import nnx
+
+    from birefnet_jax.config import BACKBONES, BiRefNetConfig, backbone_name
+
+    cfg = BiRefNetConfig(backbone=BACKBONES[name])
+    model = abstract_model(cfg)
+    sd = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
+        shape = var.get_value().shape
+        if path[-1] == "kernel" and len(shape) == 4:
+            shape = (shape[3], shape[2], shape[0], shape[1])
+        elif path[-1] == "kernel" and len(shape) == 2:
+            shape = shape[::-1]
+        sd[path_to_torch_key(tuple(path))] = _Shape(shape)
+    assert detect(sd) is TABLE[cfg.backbone.kind]
+    inferred = infer_config(sd)
+    assert backbone_name(inferred.backbone) == name  # the preset, up to the drop-path rate (not in weights)
+    assert inferred == cfg.replace(backbone=inferred.backbone)
+
+
+def test_unknown_backbone_names_the_known_ones():
+    from birefnet_jax.backbones.spec import ArchitectureError
+
+    with pytest.raises(ArchitectureError, match="swin_v1, pvt_v2"):
+        detect({"foo.weight": np.zeros(1)})
