@@ -1,6 +1,6 @@
 """BiRefNet in JAX/Flax NNX, with verified conversion of the original PyTorch checkpoints."""
 
-from birefnet_jax.api import load, load_predictor, make_predict_fn, normalize
+from birefnet_jax.api import Predictor, load, load_predictor, make_predict_fn, normalize
 from birefnet_jax.config import (
     BACKBONES,
     PRESETS,
@@ -13,16 +13,25 @@ from birefnet_jax.config import (
 )
 from birefnet_jax.model import BiRefNet, TrainOutputs, count_params
 
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("birefnet-jax")
+except Exception:  # not installed (a source tree on sys.path)
+    __version__ = "unknown"
+
 __all__ = [
     "BACKBONES",
     "PRESETS",
     "BiRefNet",
     "BiRefNetConfig",
+    "Predictor",
     "PvtV2Config",
     "ResNetConfig",
     "SwinConfig",
     "TrainOutputs",
     "VggConfig",
+    "__version__",
     "count_params",
     "get_preset",
     "load",

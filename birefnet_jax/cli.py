@@ -1,4 +1,7 @@
-"""The `birefnet-jax` command: `convert` and `verify`."""
+"""The `birefnet-jax` command: `convert`, `verify`, `predict` and `export`.
+
+Sizes are written WIDTHxHEIGHT, as the original's `--resolution` (e.g. 2560x1440).
+"""
 
 from __future__ import annotations
 
@@ -7,24 +10,58 @@ import sys
 from pathlib import Path
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
+
+    try:
+        return _version("birefnet-jax")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown (not installed)"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' (or one number for a square) -> (height, width), each a positive multiple of 32."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        width, height = int(w), int(h if sep else w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    if width < 32 or height < 32 or width % 32 or height % 32:
+        near = f"{max(32, round(width / 32) * 32)}x{max(32, round(height / 32) * 32)}"
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 32 "
+                                         f"(the backbone downsamples 32x), e.g. {near}")
+    return height, width
+
+
+def parse_heads(text: str) -> tuple[int, ...]:
+    try:
+        heads = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected four comma-separated counts, e.g. 1,2,5,8") from None
+    if len(heads) != 4 or min(heads) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: PVT v2 has four stages; give four positive counts, e.g. 1,2,5,8")
+    return heads
+
+
 def _overrides(args) -> dict:
     out = {}
     if args.mul_scl_ipt is not None:
         out["mul_scl_ipt"] = "" if args.mul_scl_ipt == "none" else args.mul_scl_ipt
     if args.num_heads:
-        out["num_heads"] = tuple(int(v) for v in args.num_heads.split(","))
+        out["num_heads"] = args.num_heads
     if args.resolution:
-        h, _, w = args.resolution.partition("x")
-        out["resolution"] = (int(h), int(w or h))
+        out["resolution"] = args.resolution
     return out
 
 
-def _add_arch_flags(p):
+def _add_arch_flags(p, resolution_help: str):
     g = p.add_argument_group("architecture overrides (what the weights cannot tell)")
     g.add_argument("--mul-scl-ipt", choices=["none", "add", "cat"], default=None,
                    help="multi-scale input; 'add' and none leave identical weights (default: none unless 'cat')")
-    g.add_argument("--num-heads", default=None, help="PVT v2 heads per stage, e.g. 1,2,5,8 (non-preset widths)")
-    g.add_argument("--resolution", default=None, help="training resolution HxW recorded in the config, e.g. 2048x2048")
+    g.add_argument("--num-heads", type=parse_heads, default=None,
+                   help="PVT v2 heads per stage, e.g. 1,2,5,8 (non-preset widths)")
+    g.add_argument("--resolution", type=parse_size, default=None, help=resolution_help)
 
 
 def cmd_convert(args) -> int:
@@ -33,20 +70,31 @@ def cmd_convert(args) -> int:
     from birefnet_jax.config import backbone_name
     from birefnet_jax.convert import model_to_state_dict, write_safetensors
 
+    src, dst = Path(args.src), Path(args.dst)
+    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
+        raise FileExistsError(f"{dst} is the source itself; choose another destination")
+    if dst.suffix == ".safetensors":
+        if dst.is_dir():
+            raise FileExistsError(f"{dst} is a folder; give a file path ending in .safetensors")
+        if dst.exists() and not args.force:
+            raise FileExistsError(f"{dst} exists (use --force to replace it)")
+    elif dst.exists() or dst.is_symlink():
+        if not args.force:
+            raise FileExistsError(f"{dst} exists (use --force to replace a checkpoint this tool wrote)")
+        from birefnet_jax.checkpoint import _check_replaceable
+
+        _check_replaceable(dst.absolute(), (src.absolute(),))  # before the (slow) conversion
+
     model = load(args.src, **_overrides(args))
     cfg = model.cfg
     name = backbone_name(cfg.backbone) or f"custom {cfg.backbone.kind}"
     print(f"architecture: {name}, mul_scl_ipt={cfg.mul_scl_ipt!r}, cxt_num={cfg.cxt_num}, "
           f"squeeze={cfg.squeeze_block!r}, dec_blk={cfg.dec_blk}, dec_att={cfg.dec_att!r}, "
-          f"batch_norm={cfg.batch_norm}")
-    dst = Path(args.dst)
+          f"batch_norm={cfg.batch_norm}, resolution={cfg.resolution[1]}x{cfg.resolution[0]}")
     if dst.suffix == ".safetensors":
-        if dst.exists() and not args.force:
-            print(f"error: {dst} exists (use --force)", file=sys.stderr)
-            return 2
         write_safetensors(model_to_state_dict(model), dst)
     else:
-        save_model(model, dst, overwrite=args.force, extra={"source": str(Path(args.src).name)})
+        save_model(model, dst, overwrite=args.force, extra={"source": src.name}, protect=(src.absolute(),))
     print(f"wrote {dst}")
     return 0
 
@@ -65,30 +113,38 @@ def cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="birefnet-jax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="birefnet-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="original .pth/.safetensors -> Orbax checkpoint (or back to .safetensors)")
-    p.add_argument("src", help=".pth, .safetensors or an Orbax checkpoint directory")
-    p.add_argument("dst", help="Orbax checkpoint directory, or a .safetensors path for a PyTorch-layout export")
-    p.add_argument("--force", action="store_true", help="overwrite dst")
-    _add_arch_flags(p)
+    p.add_argument("src", help=".pth, .safetensors, hf:<owner>/<repo>[/<file>] or an Orbax checkpoint folder")
+    p.add_argument("dst", help="Orbax checkpoint folder, or a .safetensors path for a PyTorch-layout export")
+    p.add_argument("--force", action="store_true",
+                   help="replace dst if it is a checkpoint this tool wrote (never any other folder)")
+    _add_arch_flags(p, "training resolution WxH recorded in the config, e.g. 2048x2048")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("verify", help="compare a checkpoint's logits with the original's (reference .npz)")
     p.add_argument("checkpoint")
     p.add_argument("reference", help=".npz with input<i> (NCHW, normalised) and output<i> (NCHW logits)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative L2 error (default 1e-4)")
-    _add_arch_flags(p)
+    _add_arch_flags(p, "resolution WxH recorded in the config (does not change the verified logits)")
     p.set_defaults(func=cmd_verify)
     return parser
 
 
 def main(argv=None) -> int:
+    from birefnet_jax._optional import MissingDependency
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, MissingDependency) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,7 +31,12 @@ def verify(checkpoint: str | os.PathLike, reference: str | os.PathLike, *,
            tolerance: float = DEFAULT_TOLERANCE, **overrides) -> list[VerifyResult]:
     """Run the checkpoint on every `input<i>` of a reference `.npz` (NCHW, normalised) and
     compare with `output<i>` (NCHW logits), in float32 with the highest matmul precision."""
-    data = np.load(reference)
+    try:
+        data = np.load(reference)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{reference}: not a readable .npz file ({e})") from e
     names = sorted((k for k in data.files if k.startswith("input") and "/" not in k), key=lambda k: int(k[5:] or 0))
     if not names:
         raise ValueError(f"{reference}: no 'input<i>' arrays; see the README for the expected layout")
@@ -44,7 +49,10 @@ def verify(checkpoint: str | os.PathLike, reference: str | os.PathLike, *,
         results = []
         for name in names:
             out_name = "output" + name[5:]
-            out = np.asarray(predict(data[name].astype(np.float32)))
+            try:
+                out = np.asarray(predict(data[name].astype(np.float32)))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{reference}, array '{name}': {e}") from e
             ref = data[out_name]
             if out.shape != ref.shape:
                 raise ValueError(f"{out_name}: model gives shape {out.shape}, reference has {ref.shape}")

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from birefnet_jax.files import atomic_path
 
 PREFIXES = ("module.", "_orig_mod.")
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "net")
@@ -51,8 +52,9 @@ def _read_pth(path: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise CheckpointReadError(
-            f"{path}: reading .pth files needs PyTorch: pip install 'birefnet-jax[torch]', "
-            "or convert the file to .safetensors elsewhere") from None
+            f"{path}: reading .pth files needs PyTorch: pip install 'birefnet-jax[torch]' (a CPU build is "
+            "enough: pip install torch --index-url https://download.pytorch.org/whl/cpu), or convert the file "
+            "to .safetensors where PyTorch is installed") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt archives
@@ -119,17 +121,10 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
 
 def write_safetensors(state_dict: dict[str, np.ndarray], path: str | os.PathLike,
                       metadata: dict[str, str] | None = None) -> Path:
-    """Write atomically: a crash leaves either the old file or none, never half a file."""
+    """Write atomically (a crash leaves either the old file or none, never half a file), with the
+    permissions of the user's umask."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: np.array(v, order="C", copy=None) for k, v in state_dict.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_path(path) as tmp:
+        save_file({k: np.array(v, order="C", copy=None) for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+    return Path(path)

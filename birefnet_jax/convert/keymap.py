@@ -138,7 +138,7 @@ def load_state_dict_into(model: nnx.Module, state_dict: dict[str, np.ndarray]) -
                 parts.append(f"{len(items)} {title}:\n  {shown}")
         raise ConversionError(
             "the checkpoint does not match the model architecture. This usually means a checkpoint of "
-            "another architecture or a wrong override (--backbone, --mul-scl-ipt, ...).\n" + "\n".join(parts))
+            "another architecture, or a wrong --mul-scl-ipt / --num-heads override.\n" + "\n".join(parts))
     for path, arr in updates.items():
         targets[path].set_value(arr)
     return model
@@ -157,16 +157,3 @@ def model_to_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
             window = int(round((np.sqrt(value.shape[0]) + 1) / 2))
             out[key[: -len("relative_position_bias_table")] + DERIVED_BUFFER] = relative_position_index(window)
     return out
-
-
-def materialize_rng_state(model: nnx.Module, seed: int = 0) -> nnx.Module:
-    """Give a model made by `nnx.eval_shape` concrete RNG streams (for dropout/drop path)."""
-    import jax
-
-    flat = nnx.to_flat_state(nnx.state(model, nnx.RngState))
-    for i, (_, var) in enumerate(flat):
-        if isinstance(var, nnx.RngKey):
-            var.set_value(jax.random.fold_in(jax.random.key(seed), i))
-        else:
-            var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
-    return model

@@ -6,9 +6,21 @@ means (S-measure, MAE, MSE, weighted F, HCE, mBA, E- / F-measure adaptive + mean
 See docs/metrics.md for the definitions and the values chosen where the original divides by zero.
 """
 
-from .evaluator import ALL_METRICS, Evaluator, PairResult, evaluate_batch, evaluate_pair, skeleton_of
-from .io import PairingError, pair_by_stem, read_gray
-from .report import TASK_COLUMNS, columns_for, format_table
+from birefnet_jax._optional import require
+
+for _module in ("cv2", "skimage"):  # the `eval` extra: a clear message instead of a bare ImportError
+    require(_module, "the DIS metrics (birefnet_jax.metrics, eval.py)")
+
+from .evaluator import (  # noqa: E402
+    ALL_METRICS,
+    Evaluator,
+    PairResult,
+    evaluate_batch,
+    evaluate_pair,
+    skeleton_of,
+)
+from .io import PairingError, pair_by_stem, read_gray  # noqa: E402
+from .report import TASK_COLUMNS, columns_for, format_table  # noqa: E402
 
 __all__ = [
     "ALL_METRICS",
