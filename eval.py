@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -69,7 +70,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--pred_dir and --gt_dir go together")
     if not args.pred_dir and not (args.data_root and args.datasets):
         p.error("give --pred_dir and --gt_dir, or --data_root and --datasets")
+    if not args.pred_dir and not _split(args.datasets):
+        p.error(f"--datasets {args.datasets!r} names no data set; give names separated by '+' or ','")
+    metrics = _split(args.metrics)
+    unknown = [m for m in metrics if m not in ALL_METRICS]
+    if args.metrics != "all" and (unknown or not metrics):
+        problem = f"unknown metric(s) {', '.join(unknown)}" if unknown else f"no metric in {args.metrics!r}"
+        p.error(f"--metrics: {problem}; give 'all' or '+'-separated names from {'+'.join(ALL_METRICS)}")
     return args
+
+
+class UsageError(ValueError):
+    """A mistake in the command line found before any work: a missing data set, an unwritable --save_dir."""
 
 
 def _split(text: str | None) -> list[str]:
@@ -169,14 +181,85 @@ def predict_dataset(predictor, im_dir: str, gt_dir: str, out_dir: str, batch_siz
 # --------------------------------------------------------------------------- main
 
 
+def _folders(path: str) -> list[str]:
+    """Names of the sub-folders of ``path`` (none if it is not a folder), sorted."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+
+
+def _names(items) -> str:
+    return ", ".join(items) if items else "(none)"
+
+
+def check_save_dir(save_dir: str) -> None:
+    """Creates ``save_dir`` and writes + deletes a probe file there; UsageError if that fails."""
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise UsageError(f"--save_dir {save_dir} is an existing file, not a folder; give a folder to write to")
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=save_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--save_dir {save_dir} is not writable ({e.strerror or e}); "
+                         "give a folder you can write to") from e
+
+
+def check_datasets(args, datasets: list[str]) -> list[str] | None:
+    """Checks that every data set has its folders (and, without --ckpt, predictions) before any work.
+
+    Returns the methods to evaluate (None with --ckpt); raises UsageError naming every missing one
+    and what exists instead.
+    """
+    problems = []
+    if not os.path.isdir(args.data_root):
+        raise UsageError(f"--data_root {args.data_root} is not a folder")
+    needs = ("gt", "im") if args.ckpt else ("gt",)
+    have = [d for d in _folders(args.data_root) if all(os.path.isdir(os.path.join(args.data_root, d, s))
+                                                        for s in needs)]
+    missing = [d for d in datasets if d not in have]
+    if missing:
+        layout = "/".join(needs)
+        problems.append(f"data set(s) not found under {args.data_root}: {_names(missing)} (each needs "
+                        f"{os.path.join(args.data_root, '<name>', layout)}); data sets there: {_names(have)}. "
+                        "Check --datasets and --data_root")
+    methods = None
+    if not args.ckpt:
+        if not os.path.isdir(args.pred_root):
+            raise UsageError(f"--pred_root {args.pred_root} is not a folder; give the folder of "
+                             "{method}/{dataset} predictions, or --ckpt to predict them first")
+        on_disk = _folders(args.pred_root)
+        methods = _split(args.methods) or on_disk
+        unknown = [m for m in methods if m not in on_disk]
+        if unknown:
+            problems.append(f"method(s) not found under {args.pred_root}: {_names(unknown)}; methods there: "
+                            f"{_names(on_disk)}. Check --methods")
+        with_preds = sorted({d for m in methods for d in _folders(os.path.join(args.pred_root, m))})
+        unpredicted = [d for d in datasets if d not in missing and d not in with_preds]
+        if unpredicted and not unknown:
+            problems.append(f"no predictions for data set(s) {_names(unpredicted)} under {args.pred_root} "
+                            f"(looked in {os.path.join(args.pred_root, '<method>', '<dataset>')} for methods "
+                            f"{_names(methods)}); data sets with predictions: {_names(with_preds)}. "
+                            "Check --datasets and --pred_root, or predict them first with --ckpt")
+    if problems:
+        raise UsageError("; ".join(problems))
+    return methods
+
+
 def main(argv=None) -> dict:
+    """Runs the evaluation; raises UsageError (a ValueError) for command-line mistakes, before any work."""
     args = parse_args(argv)
     metrics = list(ALL_METRICS) if args.metrics == "all" else _split(args.metrics)
-    os.makedirs(args.save_dir, exist_ok=True)
 
     # (dataset, gt folder) and, per dataset, (method, prediction folder).
     jobs: list[tuple[str, str, list[tuple[str, str]]]] = []
     if args.pred_dir:
+        not_folders = [f"{flag} {path}" for flag, path in (("--pred_dir", args.pred_dir), ("--gt_dir", args.gt_dir))
+                       if not os.path.isdir(path)]
+        if not_folders:
+            raise UsageError(f"not a folder: {', '.join(not_folders)}")
+        check_save_dir(args.save_dir)
         gt_dir = os.path.normpath(args.gt_dir)
         dataset = os.path.basename(gt_dir)
         if dataset == "gt":  # {dataset}/gt: name it after the data set
@@ -185,6 +268,8 @@ def main(argv=None) -> dict:
         jobs.append((dataset, args.gt_dir, [(method, args.pred_dir)]))
     else:
         datasets = _split(args.datasets)
+        methods = check_datasets(args, datasets)
+        check_save_dir(args.save_dir)
         if args.ckpt:
             from birefnet_jax.api import load_predictor  # only this path needs the model
 
@@ -199,16 +284,9 @@ def main(argv=None) -> dict:
                     args.batch_size,
                 )
             methods = [method]
-        else:
-            methods = _split(args.methods) or sorted(
-                m for m in os.listdir(args.pred_root) if os.path.isdir(os.path.join(args.pred_root, m))
-            )
         for dataset in datasets:
             found = [(m, os.path.join(args.pred_root, m, dataset)) for m in methods]
-            found = [(m, d) for m, d in found if os.path.isdir(d)]
-            if not found:
-                print(f"Skip {dataset}: no method under {args.pred_root} has predictions for it.")
-                continue
+            found = [(m, d) for m, d in found if os.path.isdir(d)]  # check_datasets: at least one
             jobs.append((dataset, os.path.join(args.data_root, dataset, "gt"), found))
 
     rows, per_image = [], {}

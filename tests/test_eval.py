@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -152,3 +154,92 @@ def test_eval_from_checkpoint_predicts_then_scores(tmp_path, converted):
     assert cv2.imread(str(preds[0]), cv2.IMREAD_GRAYSCALE).shape == (150, 100)
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     assert "DS" in json.dumps(results)
+
+
+# --------------------------------------------------------------------------- the user's mistakes
+
+
+def _tree(*roots) -> dict:
+    """Every path under ``roots`` with its bytes (None for a folder)."""
+    return {str(p): None if p.is_dir() else p.read_bytes() for root in roots for p in sorted(Path(root).rglob("*"))}
+
+
+def _fails(args: list[str], cwd: Path, *roots) -> str:
+    """Runs ``python eval.py args`` in ``cwd``: exit 2, ``error: ...`` on stderr, nothing under ``cwd`` or
+    ``roots`` changed. Returns stderr."""
+    before = _tree(cwd, *roots)
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: " in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert _tree(cwd, *roots) == before
+    return proc.stderr
+
+
+def _dataset(root: Path, name: str, with_images: bool = False):
+    (root / name / "gt").mkdir(parents=True)
+    cv2.imwrite(str(root / name / "gt" / "a.png"), np.full((8, 8), 255, np.uint8))
+    if with_images:
+        (root / name / "im").mkdir()
+        cv2.imwrite(str(root / name / "im" / "a.jpg"), np.zeros((8, 8, 3), np.uint8))
+
+
+@pytest.mark.parametrize("where", ["is_a_file", "under_a_file"])
+def test_unwritable_save_dir_fails_before_prediction(tmp_path, where):
+    """--save_dir a file, or a folder below one: found before the checkpoint is even loaded (it does not exist)."""
+    _dataset(tmp_path / "data", "DS", with_images=True)
+    (tmp_path / "taken").write_text("not a folder")
+    save_dir = tmp_path / "taken" if where == "is_a_file" else tmp_path / "taken" / "results"
+    stderr = _fails(["--ckpt", str(tmp_path / "missing.safetensors"), "--data_root", str(tmp_path / "data"),
+                     "--datasets", "DS", "--pred_root", str(tmp_path / "preds"), "--save_dir", str(save_dir)], tmp_path)
+    assert f"--save_dir {save_dir}" in stderr
+    expected = "is an existing file, not a folder" if where == "is_a_file" else "is not writable (Not a directory)"
+    assert expected in stderr and "give a folder" in stderr
+    assert not (tmp_path / "preds").exists()
+
+
+@pytest.mark.parametrize("mistake", ["no_such_dataset", "no_predictions", "no_such_method"])
+def test_missing_dataset_or_predictions_is_an_error(tmp_path, mistake):
+    """A data set without gt/ or without predictions (even one among several) stops everything up front;
+    an earlier results.json stays as it was."""
+    for name in ("DIS-VD", "DIS-TE1"):
+        _dataset(tmp_path / "data", name)
+    (tmp_path / "preds" / "mine" / "DIS-VD").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "preds" / "mine" / "DIS-VD" / "a.png"), np.full((8, 8), 255, np.uint8))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "results.json").write_text('{"earlier": "run"}')
+    datasets, extra = {
+        "no_such_dataset": ("DIS-VD+DIS-TE9", []),
+        "no_predictions": ("DIS-VD,DIS-TE1", []),
+        "no_such_method": ("DIS-VD", ["--methods", "mine+theirs"]),
+    }[mistake]
+    args = ["--data_root", str(tmp_path / "data"), "--datasets", datasets, "--pred_root", str(tmp_path / "preds"),
+            "--save_dir", str(tmp_path / "results"), *extra]
+    stderr = _fails(args, tmp_path)
+    if mistake == "no_such_dataset":
+        assert "data set(s) not found under" in stderr and "DIS-TE9" in stderr
+        assert "data sets there: DIS-TE1, DIS-VD" in stderr and "Check --datasets and --data_root" in stderr
+    elif mistake == "no_predictions":
+        assert "no predictions for data set(s) DIS-TE1" in stderr and "methods mine" in stderr
+        assert "data sets with predictions: DIS-VD" in stderr
+    else:
+        assert "method(s) not found under" in stderr and "theirs; methods there: mine" in stderr
+    with pytest.raises(ValueError, match="DIS-TE9"):  # the same check for callers of main()
+        eval_cli.main(["--data_root", str(tmp_path / "data"), "--datasets", "DIS-TE9",
+                       "--pred_root", str(tmp_path / "preds"), "--save_dir", str(tmp_path / "results")])
+
+
+@pytest.mark.parametrize("metrics", ["+", "", "S+Fmeasure"])
+def test_bad_metrics_name_the_valid_ones(layout, tmp_path, capsys, metrics):
+    """An argparse error (exit 2, usage and ``error:`` on stderr), so checked in-process."""
+    root, _ = layout
+    before = _tree(tmp_path, root)
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(["--pred_root", str(root / "preds"), "--data_root", str(root / "data"), "--datasets", "DIS-VD",
+                       "--metrics", metrics, "--save_dir", str(tmp_path / "out")])
+    assert e.value.code == 2
+    stderr = capsys.readouterr().err
+    problem = "unknown metric(s) Fmeasure" if metrics == "S+Fmeasure" else f"no metric in {metrics!r}"
+    assert f"error: --metrics: {problem}" in stderr
+    assert "'+'-separated names from S+MAE+E+F+WF+MBA+BIoU+MSE+HCE" in stderr
+    assert _tree(tmp_path, root) == before
