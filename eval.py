@@ -40,10 +40,6 @@ from birefnet_jax.metrics import (
     skeleton_of,
 )
 from birefnet_jax.metrics.io import list_images
-from birefnet_jax.nn.layers import align_corners_taps
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--methods", help="methods under --pred_root ('+'-separated); default: all that have the data set")
     src.add_argument("--ckpt", help="checkpoint: predict every --datasets image first, then evaluate")
     src.add_argument("--method", help="name of the method (default: folder or checkpoint name)")
-    src.add_argument("--batch_size", type=int, default=1, help="inference batch size (--ckpt)")
+    src.add_argument("--batch_size", type=int, default=None, help="inference batch size (--ckpt; default: one per "
+                     "device)")
     out = p.add_argument_group("evaluation and output")
     out.add_argument("--task", default="DIS5K", help=f"column order: {', '.join(report.TASK_COLUMNS)}")
     out.add_argument("--metrics", default="all", help=f"'all' or '+'-separated from {'+'.join(ALL_METRICS)}")
@@ -137,48 +134,18 @@ def evaluate_folder(pred_dir: str, gt_dir: str, metrics, workers: int = 1, desc:
 # --------------------------------------------------------------------------- inference (--ckpt)
 
 
-def _resize_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize with corners aligned, in NumPy (ground truths come in many sizes; a jitted
-    resize would compile once per size), with the model's taps: along the width, then the height."""
-    c0, c1, fc = align_corners_taps(x.shape[1], out_w)
-    r0, r1, fr = align_corners_taps(x.shape[0], out_h)
-    across = x[:, c0] * (1 - fc) + x[:, c1] * fc
-    return across[r0] * (1 - fr)[:, None] + across[r1] * fr[:, None]
+def predict_dataset(predictor, im_dir: str, out_dir: str, batch_size: int | None = None) -> None:
+    """Masks for every image of ``im_dir`` into ``out_dir`` (``<stem>.png`` at the image's size), through
+    the package's one inference path (``birefnet_jax.inference.predict``): resized as the original's loader
+    does, predicted at the checkpoint's resolution, brought back with corners aligned, truncated to 8 bits.
+    Predictions are always redone: a folder of an earlier checkpoint of the same name is not trusted."""
+    from birefnet_jax.inference import predict
 
-
-def predict_dataset(predictor, im_dir: str, gt_dir: str, out_dir: str, batch_size: int = 1) -> None:
-    """Writes one uint8 PNG per image of ``im_dir`` into ``out_dir``, at its ground truth's size.
-
-    As the original's test loader and inference: OpenCV reads BGR, bilinear resize to the model's
-    resolution, RGB, ImageNet normalisation; sigmoid of the logits, bilinear (corners aligned) resize
-    to the ground truth's size, and ``x * 255`` truncated to uint8.
-    """
-    h, w = predictor.resolution
-    pairs = pair_by_stem(list_images(im_dir), list_images(gt_dir))
-    os.makedirs(out_dir, exist_ok=True)
-    for start in tqdm(range(0, len(pairs), batch_size), desc=os.path.basename(im_dir), leave=False):
-        chunk = pairs[start : start + batch_size]
-        images = []
-        for _, im_path, _ in chunk:
-            bgr = cv2.imdecode(np.fromfile(im_path, np.uint8), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise ValueError(f"cannot decode image file {im_path}")
-            rgb = cv2.cvtColor(cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
-            images.append((rgb.astype(np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD)
-        logits = np.asarray(predictor(np.stack(images)), np.float32)
-        probs = 1 / (1 + np.exp(-logits[..., 0]))
-        for (stem, _, gt_path), prob in zip(chunk, probs, strict=True):
-            gh, gw = read_gray(gt_path).shape
-            pred = np.clip(_resize_align_corners(prob, gh, gw), 0, 1)
-            ok, png = cv2.imencode(".png", (pred * 255).astype(np.uint8))
-            if not ok:
-                raise RuntimeError(f"cannot encode prediction for {stem}")
-            target = os.path.join(out_dir, f"{stem}.png")
-            png.tofile(target + ".tmp")
-            os.replace(target + ".tmp", target)  # never a half-written PNG under the final name
-
-
-# --------------------------------------------------------------------------- main
+    summary = predict(im_dir, predictor, out_dir, batch_size=batch_size, overwrite=True, progress=True)
+    if summary.failed:
+        listing = "; ".join(f"{p.name}: {why}" for p, why in summary.failed[:10])
+        raise ValueError(f"{len(summary.failed)} image(s) in {im_dir} could not be predicted ({listing}); "
+                         "fix or remove them and run again")
 
 
 def _folders(path: str) -> list[str]:
@@ -276,13 +243,8 @@ def main(argv=None) -> dict:
             predictor = load_predictor(args.ckpt)
             method = args.method or os.path.splitext(os.path.basename(args.ckpt))[0]
             for dataset in datasets:
-                predict_dataset(
-                    predictor,
-                    os.path.join(args.data_root, dataset, "im"),
-                    os.path.join(args.data_root, dataset, "gt"),
-                    os.path.join(args.pred_root, method, dataset),
-                    args.batch_size,
-                )
+                predict_dataset(predictor, os.path.join(args.data_root, dataset, "im"),
+                                os.path.join(args.pred_root, method, dataset), args.batch_size)
             methods = [method]
         for dataset in datasets:
             found = [(m, os.path.join(args.pred_root, m, dataset)) for m in methods]

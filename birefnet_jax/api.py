@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,6 +75,8 @@ def load(path: str | os.PathLike, config: BiRefNetConfig | None = None, *, dtype
     weights fix is an error.
     """
     spec = str(path)
+    if spec.startswith(HUB_PREFIX) and config is None and not overrides:
+        return _load_hub_cached(spec, dtype)
     if not spec.startswith(HUB_PREFIX):
         path = Path(path)
         if is_orbax_checkpoint(path):
@@ -86,6 +89,21 @@ def load(path: str | os.PathLike, config: BiRefNetConfig | None = None, *, dtype
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or folder")
     return model_from_state_dict(read_state_dict(path), config, dtype=dtype, **overrides)
+
+
+def _load_hub_cached(spec: str, dtype) -> BiRefNet:
+    """`hf:` checkpoints are downloaded and converted once, then loaded from the Orbax copy kept
+    under the user's cache folder (`birefnet_jax.convert.io.cache_root`)."""
+    from birefnet_jax.checkpoint import save_model
+    from birefnet_jax.convert.io import cache_root, parse_hub_spec
+
+    repo, filename = parse_hub_spec(spec)
+    cached = cache_root() / "hf" / f"{repo.replace('/', '--')}--{filename.replace('/', '--')}"
+    if is_orbax_checkpoint(cached):
+        return load_model(cached, dtype=dtype)
+    model = model_from_state_dict(read_state_dict(spec))
+    save_model(model, cached, overwrite=cached.exists(), extra={"source": spec})
+    return load_model(cached, dtype=dtype)
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -204,6 +222,7 @@ class Predictor:
         self.state = jax.device_put(state, self._replicated)
         self._programs: dict[tuple, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
+        self._lock = threading.Lock()
 
     @property
     def compile_count(self) -> int:
@@ -215,6 +234,10 @@ class Predictor:
 
     def _program(self, shape: tuple[int, ...], dtype, probabilities: bool):
         key = (shape, np.dtype(dtype).name, probabilities)
+        with self._lock:  # writer threads may ask too (crop refinement)
+            return self._compile(key, shape, dtype, probabilities)
+
+    def _compile(self, key, shape, dtype, probabilities):
         if key not in self._programs:
             fn = jax.jit(functools.partial(_forward, self.graphdef, uint8=np.dtype(dtype) == np.uint8,
                                            probabilities=probabilities, layout="NHWC"),

@@ -112,6 +112,31 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+def parse_resolution(text: str):
+    return "auto" if text == "auto" else parse_size(text)
+
+
+def cmd_predict(args) -> int:
+    import jax
+
+    from birefnet_jax.inference import predict
+
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    kinds = [k for k, on in (("mask", not args.no_mask), ("cutout", args.cutout), ("prob", args.prob)) if on]
+    if not kinds:
+        raise ValueError("nothing to write: --no-mask without --cutout or --prob")
+    dtype = {"float32": None, "bfloat16": "bfloat16"}[args.dtype]
+    summary = predict(args.inputs, args.model, args.output, resolution=args.resolution, max_pixels=args.max_pixels,
+                      bucket_step=args.bucket_step, batch_size=args.batch_size, dtype=dtype, outputs=kinds,
+                      refine_radius=args.refine_radius, overwrite=args.overwrite, workers=args.workers,
+                      max_image_pixels=args.max_image_pixels or None, progress=not args.quiet,
+                      crop_refine=args.crop_refine, crop_margin=args.crop_margin)
+    print(summary.report(), file=sys.stderr if summary.failed else sys.stdout)
+    return 0 if summary.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="birefnet-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,6 +155,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative L2 error (default 1e-4)")
     _add_arch_flags(p, "resolution WxH recorded in the config (does not change the verified logits)")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("predict", help="masks / cut-outs for images, folders, globs, list files and videos",
+                       description="Predict masks for every image (and video) of the inputs, writing a tree that "
+                                   "mirrors them under --output. Existing outputs are skipped, so a rerun resumes. "
+                                   "Exit status 1 if any input failed (each is named with its reason).")
+    p.add_argument("inputs", nargs="+", help="image or video files, folders (recursive), globs, or .txt lists")
+    p.add_argument("-m", "--model", required=True,
+                   help="Orbax checkpoint folder, .pth, .safetensors, or hf:<owner>/<repo>[/<file>]")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--resolution", type=parse_resolution, default=None,
+                   help="model input size: WxH (multiples of 32), or 'auto' (each image's own size up to "
+                        "--max-pixels, in buckets of --bucket-step); default: the checkpoint's")
+    p.add_argument("--max-pixels", type=int, default=None, help="with --resolution auto (default: the checkpoint's)")
+    p.add_argument("--bucket-step", type=int, default=128, help="with --resolution auto: side granularity "
+                   "(multiple of 32; coarser = fewer compilations)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: one per device)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--cutout", action="store_true", help="also write RGBA cut-outs (<name>_cutout.png)")
+    p.add_argument("--prob", action="store_true", help="also write float32 probabilities (<name>.npy)")
+    p.add_argument("--no-mask", action="store_true", help="do not write the 8-bit masks (<name>.png)")
+    p.add_argument("--refine-radius", type=int, default=90, help="foreground refinement window for cut-outs")
+    p.add_argument("--crop-refine", action="store_true",
+                   help="predict again on the object's bounding box cut from the full-resolution image")
+    p.add_argument("--crop-margin", type=float, default=0.1, help="with --crop-refine: margin, share of the box")
+    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
+    p.add_argument("--workers", type=int, default=None, help="decoding / writing threads")
+    p.add_argument("--max-image-pixels", type=int, default=400_000_000,
+                   help="refuse images larger than this (0: no limit)")
+    p.add_argument("--compile-cache", type=Path, default=None, help="persist compiled programs in this folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    from birefnet_jax.inference.export import add_export_arguments, run_export
+
+    p = sub.add_parser("export", help="serialized StableHLO program (jax.export) or TF SavedModel for serving")
+    add_export_arguments(p)
+    p.set_defaults(func=run_export)
     return parser
 
 

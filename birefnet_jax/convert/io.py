@@ -112,11 +112,29 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise CheckpointReadError("hf: checkpoints need huggingface_hub: pip install 'birefnet-jax[hub]'") from None
+    repo, filename = parse_hub_spec(spec)
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename))
+    except Exception as e:  # offline, unknown repository or file, HTTP errors: all end the same way
+        raise CheckpointReadError(
+            f"cannot download {filename} from the Hugging Face repository {repo} ({type(e).__name__}: {e}). "
+            "Without a network, download the file elsewhere and pass its local path") from e
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str]:
+    """`hf:<owner>/<repo>[/<file>]` -> (repo id, file name; `model.safetensors` by default)."""
     parts = spec[len(HUB_PREFIX):].split("/")
-    if len(parts) < 2:
+    if len(parts) < 2 or not all(parts[:2]):
         raise CheckpointReadError(f"{spec}: expected hf:<owner>/<repo>[/<file>]")
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or "model.safetensors"
-    return Path(hf_hub_download(repo_id=repo, filename=filename))
+    return "/".join(parts[:2]), "/".join(parts[2:]) or "model.safetensors"
+
+
+def cache_root() -> Path:
+    """Where converted downloads are kept: $BIREFNET_JAX_CACHE, else $XDG_CACHE_HOME/birefnet-jax,
+    else ~/.cache/birefnet-jax."""
+    if os.environ.get("BIREFNET_JAX_CACHE"):
+        return Path(os.environ["BIREFNET_JAX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "birefnet-jax"
 
 
 def write_safetensors(state_dict: dict[str, np.ndarray], path: str | os.PathLike,

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import cv2
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from birefnet_jax.inference.images import IMAGE_EXTENSIONS
 
 
 class PairingError(ValueError):

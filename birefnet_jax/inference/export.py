@@ -1,0 +1,518 @@
+"""Export for serving: the eval-mode forward as a serialized StableHLO program (`jax.export`), or a
+TensorFlow SavedModel (`jax2tf`).
+
+A serving process then needs JAX (or TensorFlow) only: no Flax and no model code. Files written by
+`save_exported(exported, "model.jaxexport", ...)` (or `export_to_file`, or `birefnet-jax export`):
+
+  model.jaxexport               `Exported.serialize()`, the program (StableHLO + signature)
+  model.jaxexport.json          sidecar: input/output shapes and dtypes, layout, resolution, batch,
+                                the model config, and with weights="argument" the weights' order
+  model.jaxexport.weights.npz   only with weights="argument": the parameters, by name
+
+With weights="embedded" the parameters are constants of the program, which takes one input (the
+images). With weights="argument" it takes `(weights, images)`, `weights` being the flat list of
+parameter and BatchNorm-statistic arrays in `model_weights(model)` order (the model's state paths,
+sorted as `nnx.state` flattens them); that order is written to the sidecar (`weights_order`) and
+the .npz holds the arrays under those names. Use it to swap weights without re-exporting, or to
+keep the program small.
+
+Only the standard library, NumPy and JAX are imported at module level, so `load_exported` runs in a
+process that never imports `birefnet_jax` (copy this file, or load it by path); the export side
+imports the model code when called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:
+    import argparse
+
+    from birefnet_jax.model import BiRefNet
+
+FORMAT = "birefnet-jax-export"
+FORMAT_VERSION = 1
+SIDECAR_SUFFIX = ".json"
+WEIGHTS_SUFFIX = ".weights.npz"
+WEIGHTS_MODES = ("embedded", "argument")
+LAYOUTS = ("NHWC", "NCHW")
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def _check_options(batch, resolution, weights, layout) -> tuple[int, int]:
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1):
+        raise ValueError(f"batch must be a positive int or None (symbolic), got {batch!r}")
+    if weights not in WEIGHTS_MODES:
+        raise ValueError(f"weights must be one of {WEIGHTS_MODES}, got {weights!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    try:
+        h, w = (int(v) for v in resolution)
+    except (TypeError, ValueError):
+        raise ValueError(f"resolution must be (height, width), got {resolution!r}") from None
+    if h < 32 or w < 32 or h % 32 or w % 32:
+        near = f"{max(32, round(h / 32) * 32)}x{max(32, round(w / 32) * 32)}"
+        raise ValueError(f"resolution {h}x{w} (height x width): both must be positive multiples of 32 "
+                         f"(the backbone downsamples 32x), e.g. {near}")
+    return h, w
+
+
+def _path_name(path) -> str:
+    """A state path as a dotted name; drops the `.value` step of each Variable."""
+    parts = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.DictKey):
+            parts.append(str(entry.key))
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            parts.append(str(entry.idx))
+        elif isinstance(entry, jax.tree_util.GetAttrKey):
+            if entry.name != "value":
+                parts.append(entry.name)
+        else:
+            parts.append(str(entry))
+    return ".".join(parts)
+
+
+def _with_dtype(model: BiRefNet, dtype):
+    """The model itself, or a copy rebuilt with compute dtype `dtype` sharing its arrays (parameters
+    stay float32, as `birefnet_jax.api.load(dtype=...)` builds them)."""
+    if dtype is None or jnp.dtype(dtype) == jnp.dtype(model.dtype or jnp.float32):
+        return model
+    from flax import nnx
+
+    from birefnet_jax.model import abstract_model
+
+    copy = abstract_model(model.cfg, dtype=getattr(jnp, jnp.dtype(dtype).name))
+    nnx.update(copy, nnx.state(model))
+    return copy
+
+
+def _forward_fn(model: BiRefNet, *, dtype, uint8_input: bool, layout: str):
+    """(forward(weight_leaves, images), names, leaves): the eval forward of a merged copy of the model
+    taking its parameters as a flat list, so the caller's model is never switched or changed."""
+    from flax import nnx
+
+    graphdef, weights, rest = nnx.split(_with_dtype(model, dtype), (nnx.Param, nnx.BatchStat), ...)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(weights)
+    names = [_path_name(p) for p, _ in with_paths]
+    leaves = [leaf for _, leaf in with_paths]
+
+    from birefnet_jax.api import _forward
+
+    def forward(weight_leaves, images):
+        state = nnx.merge_state(jax.tree.unflatten(treedef, list(weight_leaves)), rest)
+        return _forward(graphdef, state, images, uint8=uint8_input, probabilities=uint8_input, layout=layout)
+
+    return forward, names, leaves
+
+
+def _image_shape(batch, h, w, layout):
+    b = jax.export.symbolic_shape("b")[0] if batch is None else int(batch)
+    return (b, 3, h, w) if layout == "NCHW" else (b, h, w, 3)
+
+
+def export_model(model: BiRefNet, *, batch: int | None = 1, resolution: tuple[int, int] | None = None,
+                 dtype=None, weights: str = "embedded", layout: str = "NHWC", uint8_input: bool = False,
+                 platforms: Sequence[str] | None = None) -> jax.export.Exported:
+    """Trace the eval-mode forward with `jax.export` (the caller's model is not changed).
+
+    batch: images per call, or None for a symbolic batch dimension (one program, any batch).
+    resolution: (height, width), multiples of 32; default the model's `cfg.resolution`.
+    dtype: compute dtype (e.g. `jnp.bfloat16`); default the model's own. Outputs stay float32.
+    weights: "embedded" (constants; the program takes `images`) or "argument" (the program takes
+      `(weights, images)`, `weights` the flat list of `model_weights(model)` values, in that order).
+    layout: "NHWC", or "NCHW" for PyTorch-layout inputs and outputs.
+    uint8_input: take uint8 RGB and normalise inside (ImageNet mean/std), return probabilities
+      (sigmoid) instead of logits: the serving-friendly signature.
+    platforms: lowering platforms, e.g. ("cpu", "cuda"); default the current backend.
+    """
+    resolution = tuple(model.cfg.resolution) if resolution is None else resolution
+    h, w = _check_options(batch, resolution, weights, layout)
+    forward, _, leaves = _forward_fn(model, dtype=dtype, uint8_input=uint8_input, layout=layout)
+    images = jax.ShapeDtypeStruct(_image_shape(batch, h, w, layout), jnp.uint8 if uint8_input else jnp.float32)
+    kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
+    if weights == "embedded":
+        def serve(images):
+            return forward(leaves, images)
+
+        return jax.export.export(jax.jit(serve), **kwargs)(images)
+
+    def serve(weights, images):
+        return forward(weights, images)
+
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves]
+    return jax.export.export(jax.jit(serve), **kwargs)(specs, images)
+
+
+def model_weights(model: BiRefNet) -> dict[str, np.ndarray]:
+    """The arrays a weights="argument" export takes, by name, in call order."""
+    forward, names, leaves = _forward_fn(model, dtype=None, uint8_input=False, layout="NHWC")
+    return {n: np.asarray(a) for n, a in zip(names, leaves, strict=True)}
+
+
+def export_metadata(model: BiRefNet, *, batch: int | None = 1, resolution: tuple[int, int] | None = None,
+                    dtype=None, weights: str = "embedded", layout: str = "NHWC",
+                    uint8_input: bool = False) -> dict[str, Any]:
+    """What `save_exported` records beside the program for these `export_model` options.
+
+    `matmul_precision` is JAX's default matmul precision now: call this where `export_model` runs
+    (as `export_to_file` does), since the program keeps the precision it was traced with.
+    """
+    resolution = tuple(model.cfg.resolution) if resolution is None else resolution
+    h, w = _check_options(batch, resolution, weights, layout)
+    compute = jnp.dtype(dtype if dtype is not None else (model.dtype or jnp.float32)).name
+    from birefnet_jax.api import IMAGENET_MEAN, IMAGENET_STD
+
+    return {
+        "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
+        "layout": layout,
+        "resolution": [h, w],
+        "batch": "symbolic" if batch is None else int(batch),
+        "input": "uint8 RGB, 0..255" if uint8_input else "float32 RGB normalised with the ImageNet mean and std",
+        "output": "probabilities (sigmoid)" if uint8_input else "logits",
+        "uint8_input": bool(uint8_input),
+        "compute_dtype": compute,
+        "imagenet_mean": IMAGENET_MEAN.tolist(),
+        "imagenet_std": IMAGENET_STD.tolist(),
+        "config": model.cfg.to_dict(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def sidecar_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(sidecar JSON, weights .npz) that go with the program at `path`."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX), path.with_name(path.name + WEIGHTS_SUFFIX)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """`write(file)` into a temporary file beside `path`, then rename it onto `path` with the
+    permissions of the user's umask (mkstemp alone leaves 0600); a failure leaves no file behind."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _dim(d) -> int | str:
+    return int(d) if isinstance(d, (int, np.integer)) else str(d)
+
+
+def _aval(aval) -> dict[str, Any]:
+    return {"shape": [_dim(d) for d in aval.shape], "dtype": jnp.dtype(aval.dtype).name}
+
+
+def _npz_safe(a: np.ndarray) -> np.ndarray:
+    """NumPy cannot store ml_dtypes (bfloat16, ...) in .npz: keep their bits as unsigned ints."""
+    a = np.asarray(a)
+    if a.dtype.kind == "V" or type(a.dtype).__module__.startswith("ml_dtypes") or a.dtype.name == "bfloat16":
+        return a.view(f"u{a.dtype.itemsize}")
+    return a
+
+
+def save_exported(exported: jax.export.Exported, path: str | os.PathLike, *,
+                  weights: dict[str, np.ndarray] | None = None, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the program (`exported.serialize()`), and beside it the JSON sidecar and, for a
+    weights="argument" export, the weights (`weights`: `model_weights(model)`), each atomically.
+
+    `metadata` (e.g. `export_metadata(...)`) is merged into the sidecar. Weights, program and
+    sidecar are each replaced atomically, in that order; should an overwrite be interrupted between
+    them, `load_exported` still checks every weight against the program's signature.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path, e.g. {path / 'model.jaxexport'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar, weights_path = sidecar_paths(path)
+    takes_weights = exported.in_tree.num_leaves > 1  # (weights, images) rather than (images,)
+    n_weights = len(exported.in_avals) - 1
+    info: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "program": path.name,
+        "platforms": list(exported.platforms),
+        "calling_convention_version": exported.calling_convention_version,
+        "jax_version": jax.__version__,
+        "images": _aval(exported.in_avals[-1]),
+        "outputs": _aval(exported.out_avals[0]),
+        **(metadata or {}),
+        "weights": "argument" if takes_weights else "embedded",
+    }
+    if takes_weights:
+        if weights is None:
+            raise ValueError("this program takes its weights as an argument: pass weights=model_weights(model)")
+        if len(weights) != n_weights:
+            raise ValueError(f"the program takes {n_weights} weight arrays, got {len(weights)}")
+        for (name, a), aval in zip(weights.items(), exported.in_avals[:n_weights], strict=True):
+            if tuple(np.shape(a)) != tuple(aval.shape) or jnp.dtype(np.asarray(a).dtype) != jnp.dtype(aval.dtype):
+                raise ValueError(f"weight {name!r}: {np.shape(a)} {np.asarray(a).dtype} does not match the "
+                                 f"program's {aval.shape} {aval.dtype}")
+        info["weights_file"] = weights_path.name
+        info["weights_order"] = list(weights)
+        info["weights_dtypes"] = [jnp.dtype(np.asarray(a).dtype).name for a in weights.values()]
+        arrays = {name: _npz_safe(a) for name, a in weights.items()}
+        _atomic_write(weights_path, lambda f: np.savez(f, **arrays))
+    elif weights is not None:
+        raise ValueError("the program has its weights embedded; pass no weights")
+    _atomic_write(path, lambda f: f.write(exported.serialize()))
+    _atomic_write(sidecar, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
+    if not takes_weights and weights_path.exists():  # left by an earlier weights="argument" export
+        weights_path.unlink()
+    return path
+
+
+def export_to_file(model: BiRefNet, path: str | os.PathLike, **options) -> Path:
+    """`export_model` + `save_exported` in one call; `options` are `export_model`'s."""
+    exported = export_model(model, **options)
+    metadata = export_metadata(model, **{k: v for k, v in options.items() if k != "platforms"})
+    weights = model_weights(model) if options.get("weights") == "argument" else None
+    return save_exported(exported, path, weights=weights, metadata=metadata)
+
+
+def load_exported(path: str | os.PathLike, *, compiler_options: dict[str, Any] | None = None
+                  ) -> Callable[[Any], jax.Array]:
+    """A jitted `images -> outputs` function from a saved program, using only `jax.export`,
+    NumPy and JSON (no Flax, no model code): what a serving process needs.
+
+    Weights of a weights="argument" export are read from the .npz beside it, in the sidecar's
+    order, and put on the device once. `compiler_options` go to XLA (`jax.jit`'s), e.g.
+    `{"xla_backend_optimization_level": 0}` to compile ~3x faster on CPU where start-up matters
+    more than speed. The function has `.exported` and `.metadata` attributes.
+    """
+    path = Path(path)
+    exported = jax.export.deserialize(bytearray(path.read_bytes()))
+    sidecar, _ = sidecar_paths(path)
+    metadata = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    n_weights = len(exported.in_avals) - 1
+    call = jax.jit(exported.call, compiler_options=compiler_options)
+    if exported.in_tree.num_leaves == 1:
+        def predict(images):
+            return call(images)
+    else:
+        if metadata.get("weights") != "argument":
+            raise FileNotFoundError(f"{path} takes its weights as an argument but {sidecar} (which names the "
+                                    "weights file and order) is missing or says otherwise")
+        weights_path = path.with_name(metadata["weights_file"])
+        with np.load(weights_path) as npz:
+            arrays = [npz[name] for name in metadata["weights_order"]]
+        weights = []
+        for name, a, dtype, aval in zip(metadata["weights_order"], arrays, metadata["weights_dtypes"],
+                                        exported.in_avals[:n_weights], strict=True):
+            a = a.view(jnp.dtype(dtype)) if a.dtype != jnp.dtype(dtype) else a
+            if a.shape != tuple(aval.shape) or a.dtype != aval.dtype:
+                raise ValueError(f"{weights_path}: {name!r} is {a.shape} {a.dtype}, the program expects "
+                                 f"{aval.shape} {aval.dtype} (weights from another export?)")
+            weights.append(jax.device_put(a))
+
+        def predict(images):
+            return call(weights, images)
+
+    predict.exported = exported
+    predict.metadata = metadata
+    return predict
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorFlow SavedModel
+
+
+def _replace_dir(new: Path, directory: Path) -> None:
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        old.rmdir()
+        directory.rename(old)
+        new.rename(directory)
+        shutil.rmtree(old)
+    else:
+        new.rename(directory)
+
+
+def export_saved_model(model: BiRefNet, directory: str | os.PathLike, *, batch: int | None = 1,
+                       resolution: tuple[int, int] | None = None, dtype=None, layout: str = "NHWC",
+                       uint8_input: bool = False, platforms: Sequence[str] | None = None,
+                       overwrite: bool = False) -> Path:
+    """A TF SavedModel of the same forward (via `jax2tf`, native serialization), serving signature
+    `serving_default`: input `images`, output `logits` (or `probabilities` with `uint8_input`).
+
+    The weights are TF variables (stored in `variables/`, not in the graph), whatever the size.
+    Written into a temporary folder and renamed when complete; `overwrite` replaces only a
+    folder that is a SavedModel. Needs TensorFlow (`pip install 'birefnet-jax[train]'`).
+    """
+    from birefnet_jax._optional import require
+
+    tf = require("tensorflow", "export_saved_model (TF SavedModel export)")
+    from jax.experimental import jax2tf
+
+    directory = Path(directory).absolute()
+    if directory.exists():
+        if not overwrite:
+            raise FileExistsError(f"{directory} exists (use --force / overwrite=True to replace it)")
+        if not (directory / "saved_model.pb").exists():
+            raise FileExistsError(f"{directory} exists and is not a SavedModel; not replacing it")
+    resolution = tuple(model.cfg.resolution) if resolution is None else resolution
+    h, w = _check_options(batch, resolution, "argument", layout)
+    forward, names, leaves = _forward_fn(model, dtype=dtype, uint8_input=uint8_input, layout=layout)
+    shape = (None, 3, h, w) if layout == "NCHW" else (None, h, w, 3)
+    if batch is not None:
+        shape = (int(batch), *shape[1:])
+    poly = "(b, 3, {h}, {w})" if layout == "NCHW" else "(b, {h}, {w}, 3)"
+    tf_forward = jax2tf.convert(forward, with_gradient=False,
+                                polymorphic_shapes=[None, poly.format(h=h, w=w) if batch is None else None],
+                                native_serialization_platforms=tuple(platforms) if platforms else None)
+    module = tf.Module()
+    module.weights = [tf.Variable(np.asarray(a), trainable=False, name=n) for n, a in zip(names, leaves, strict=True)]
+    out_name = "probabilities" if uint8_input else "logits"
+
+    @tf.function(autograph=False, input_signature=[
+        tf.TensorSpec(shape, tf.uint8 if uint8_input else tf.float32, name="images")])
+    def serve(images):
+        return {out_name: tf_forward(module.weights, images)}
+
+    module.serve = serve
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve})
+        meta = export_metadata(model, batch=batch, resolution=(h, w), dtype=dtype, weights="argument",
+                               layout=layout, uint8_input=uint8_input)
+        meta.update(format=FORMAT + "-savedmodel", format_version=FORMAT_VERSION, signature="serving_default",
+                    input_name="images", output_name=out_name, weights="variables")
+        (tmp / "birefnet_export.json").write_text(json.dumps(meta, indent=1) + "\n")
+        _replace_dir(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: `birefnet-jax export CHECKPOINT OUTPUT ...`
+
+
+def _parse_batch(text: str) -> int | None:
+    import argparse
+
+    if text.lower() in ("dynamic", "symbolic", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive batch size or 'dynamic'")
+    return value
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of `birefnet-jax export` (the caller sets `func=run_export`)."""
+    parser.add_argument("checkpoint", help=".pth, .safetensors or an Orbax checkpoint folder")
+    parser.add_argument("output", help="program file (e.g. model.jaxexport; a .json sidecar is written beside it), "
+                                       "or a folder with --saved-model")
+    parser.add_argument("--batch", type=_parse_batch, default=1,
+                        help="images per call, or 'dynamic' for any batch size (default 1)")
+    from birefnet_jax.cli import parse_size
+
+    parser.add_argument("--resolution", type=parse_size, default=None,
+                        help="input size WIDTHxHEIGHT, multiples of 32 (default: the checkpoint's training size)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype (outputs are float32 either way)")
+    parser.add_argument("--weights", choices=list(WEIGHTS_MODES), default="embedded",
+                        help="embedded: constants of the program; argument: a .weights.npz beside it, passed "
+                             "at call time (see the sidecar's weights_order)")
+    parser.add_argument("--layout", choices=list(LAYOUTS), default="NHWC", help="image layout (default NHWC)")
+    parser.add_argument("--uint8-input", action="store_true",
+                        help="take uint8 RGB 0..255 (normalised inside) and return probabilities")
+    parser.add_argument("--platforms", default=None,
+                        help="comma-separated lowering platforms, e.g. cpu,cuda (default: this machine's)")
+    parser.add_argument("--saved-model", action="store_true",
+                        help="write a TensorFlow SavedModel folder instead (needs birefnet-jax[train])")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Load the checkpoint, export, write; refuses to replace OUTPUT without --force. Problems the
+    user can fix raise ValueError / FileExistsError / MissingDependency with the message to show."""
+    output = Path(args.output)
+    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) if args.platforms else None
+    if args.saved_model:
+        from birefnet_jax._optional import require
+
+        require("tensorflow", "export --saved-model")  # before the (slow) load
+        if output.exists() and not args.force:
+            raise FileExistsError(f"{output} exists (use --force to replace it)")
+    else:
+        if output.is_dir():
+            raise FileExistsError(f"{output} is a folder; give a file path such as {output / 'model.jaxexport'}")
+        existing = [p for p in (output, sidecar_paths(output)[0]) if p.exists()]
+        if existing and not args.force:
+            raise FileExistsError(f"{existing[0]} exists (use --force to replace it)")
+
+    from birefnet_jax.api import load
+
+    overrides = {}  # architecture flags, if the command line offers them (see cli._add_arch_flags)
+    if getattr(args, "mul_scl_ipt", None) is not None:
+        overrides["mul_scl_ipt"] = "" if args.mul_scl_ipt == "none" else args.mul_scl_ipt
+    if getattr(args, "num_heads", None):
+        overrides["num_heads"] = tuple(args.num_heads)
+    model = load(args.checkpoint, **overrides)
+    resolution = args.resolution or tuple(model.cfg.resolution)
+    h, w = _check_options(args.batch, resolution, args.weights, args.layout)
+    options = dict(batch=args.batch, resolution=(h, w), dtype=args.dtype, layout=args.layout,
+                   uint8_input=args.uint8_input, platforms=platforms)
+    batch = "dynamic" if args.batch is None else args.batch
+    if args.saved_model:
+        export_saved_model(model, output, overwrite=args.force, **options)
+        print(f"wrote SavedModel {output} (batch {batch}, {w}x{h}, {args.layout}, {args.dtype})")
+        return 0
+    path = export_to_file(model, output, weights=args.weights, **options)
+    sidecar, weights_path = sidecar_paths(path)
+    size = path.stat().st_size / 2**20
+    extra = f" and {weights_path}" if args.weights == "argument" else ""
+    print(f"wrote {path} ({size:.1f} MiB; batch {batch}, {w}x{h}, {args.layout}, {args.dtype}), {sidecar}{extra}")
+    return 0
+
+
+__all__ = [
+    "add_export_arguments",
+    "export_metadata",
+    "export_model",
+    "export_saved_model",
+    "export_to_file",
+    "load_exported",
+    "model_weights",
+    "run_export",
+    "save_exported",
+    "sidecar_paths",
+]

@@ -1,0 +1,65 @@
+"""What `predict` writes for one image, where, and how: every file appears whole or not at all
+(temporary file, then rename), so an interrupted run never leaves a truncated output and a rerun
+knows exactly what is done."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from birefnet_jax.files import atomic_path, atomic_write_bytes
+
+KINDS = ("mask", "cutout", "prob")
+_SUFFIX = {"mask": ".png", "cutout": "_cutout.png", "prob": ".npy"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputPaths:
+    """The files one input produces (only the kinds asked for)."""
+
+    paths: dict[str, Path]
+
+    def missing(self) -> dict[str, Path]:
+        return {k: p for k, p in self.paths.items() if not p.exists()}
+
+
+def plan_outputs(rels: Sequence[Path], root: Path, kinds: Sequence[str]) -> list[OutputPaths]:
+    """Output paths mirroring the input tree: `<root>/<rel without extension><suffix>`. Inputs whose
+    names differ only by extension (a.jpg, a.png) keep the extension in the name (a.jpg.png)."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"output kinds must be some of {KINDS}, got {list(kinds)}")
+    stems = [r.with_suffix("") for r in rels]
+    counts: dict[Path, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    out = []
+    for rel, stem in zip(rels, stems, strict=True):
+        base = rel if counts[stem] > 1 else stem
+        out.append(OutputPaths({k: root / (str(base) + _SUFFIX[k]) for k in kinds}))
+    return out
+
+
+def mask_to_uint8(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> 8-bit, truncating as the original saves its predictions."""
+    return (np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    atomic_write_bytes(path, encode_png(array))
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)

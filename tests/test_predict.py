@@ -1,0 +1,281 @@
+"""`birefnet-jax predict` / `birefnet_jax.inference.predict` on a small model and small images:
+odd and broken files, sizes, buckets, padding, devices, resuming, cut-outs."""
+
+from __future__ import annotations
+
+import io
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import birefnet_jax
+from birefnet_jax.api import Predictor
+from birefnet_jax.cli import main
+from birefnet_jax.inference import predict
+from birefnet_jax.inference.images import read_image, resize_align_corners, resize_linear
+from birefnet_jax.inference.outputs import mask_to_uint8
+from birefnet_jax.inference.refine import refine_foreground_strips
+
+RES = (64, 64)
+
+
+@pytest.fixture(scope="module")
+def model(converted):
+    return birefnet_jax.load(converted("swin_nobn"), resolution=RES)
+
+
+@pytest.fixture(scope="module")
+def predictor(model):
+    """Shared, so compiled programs are reused across tests (as across calls)."""
+    return Predictor(model)
+
+
+def rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def save(img: Image.Image, path, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kw)
+    return path
+
+
+def reference_mask(predictor, image: np.ndarray) -> np.ndarray:
+    """The mask by hand: resize as the original's loader, predict, bring back, truncate."""
+    x = np.zeros((predictor.padded_batch(1), *RES, 3), np.uint8)
+    x[0] = resize_linear(image, RES)
+    prob = np.asarray(predictor.run(x, probabilities=True))[0, ..., 0]
+    return mask_to_uint8(resize_align_corners(prob, image.shape[:2]))
+
+
+def odd_folder(root):
+    """Every kind of file a real folder holds; returns (good name -> expected (h, w)), bad names."""
+    good = {}
+    save(Image.fromarray(rgb(50, 70)), root / "plain.jpg", quality=95)
+    good["plain.jpg"] = (50, 70)
+    save(Image.fromarray(rgb(40, 30)[..., 0]), root / "sub" / "gray.png")
+    good["sub/gray.png"] = (40, 30)
+    rgba = np.dstack([rgb(33, 45), np.full((33, 45), 128, np.uint8)])
+    save(Image.fromarray(rgba, "RGBA"), root / "sub" / "deep" / "rgba.png")
+    good["sub/deep/rgba.png"] = (33, 45)
+    save(Image.fromarray(rgb(36, 36)).convert("P"), root / "palette.png")
+    good["palette.png"] = (36, 36)
+    save(Image.fromarray(rgb(20, 60)[..., 0].astype(np.uint16) * 257), root / "deep16.png")
+    good["deep16.png"] = (20, 60)
+    save(Image.fromarray(rgb(30, 40)).convert("CMYK"), root / "cmyk.jpg")
+    good["cmyk.jpg"] = (30, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: the mask has the displayed (rotated) size
+    save(Image.fromarray(rgb(24, 56)), root / "rotated.jpg", exif=exif)
+    good["rotated.jpg"] = (56, 24)
+    frames = [Image.fromarray(rgb(32, 48, s)) for s in range(3)]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:])
+    good["anim.gif"] = (32, 48)
+    big = Image.new("1", (12000, 9000), 1)  # above PIL's decompression-bomb limit (89 MP)
+    save(big, root / "huge.png")
+    good["huge.png"] = (9000, 12000)
+    (root / "empty.png").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(rgb(64, 64)).save(buf, format="JPEG")
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "notes.png").write_text("not an image")
+    bad = {"empty.png": "empty", "truncated.jpg": "truncated", "notes.png": "not an image"}
+    return good, bad
+
+
+def test_bad_inputs_never_stop_the_batch(tmp_path, predictor, capsys):
+    good, bad = odd_folder(tmp_path / "in")
+    s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False, outputs=("mask", "cutout"))
+    assert s.done == len(good) and s.skipped == 0
+    failed = {p.name: why for p, why in s.failed}
+    assert set(failed) == set(bad)
+    for name, word in bad.items():
+        assert word in failed[name], failed[name]
+    for name, (h, w) in good.items():
+        stem = name.rsplit(".", 1)[0]
+        mask = np.asarray(Image.open(tmp_path / "out" / f"{stem}.png"))
+        assert mask.shape == (h, w) and mask.dtype == np.uint8, name
+        cut = Image.open(tmp_path / "out" / f"{stem}_cutout.png")
+        assert cut.mode == "RGBA" and cut.size == (w, h)
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_masks_match_the_manual_path_at_original_sizes(tmp_path, predictor):
+    images = {"a.png": rgb(50, 70, 1), "b.png": rgb(90, 40, 2), "c.png": rgb(64, 64, 3)}
+    for name, im in images.items():
+        save(Image.fromarray(im), tmp_path / "in" / name)
+    s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False, outputs=("mask", "prob"))
+    assert s.done == 3 and s.ok
+    for name, im in images.items():
+        got = np.asarray(Image.open(tmp_path / "out" / name))
+        np.testing.assert_array_equal(got, reference_mask(predictor, im))
+        prob = np.load(tmp_path / "out" / name.replace(".png", ".npy"))
+        assert prob.shape == im.shape[:2] and prob.dtype == np.float32
+        np.testing.assert_array_equal(mask_to_uint8(prob), got)
+
+
+def test_mixed_sizes_compile_once_per_bucket_and_pad_the_last_batch(tmp_path, model):
+    sizes = [(50, 70), (52, 68), (90, 40), (88, 44), (130, 130), (64, 64), (128, 120)]
+    for i, (h, w) in enumerate(sizes):
+        save(Image.fromarray(rgb(h, w, i)), tmp_path / "in" / f"{i}.png")
+    pred = Predictor(model)
+    s = predict(tmp_path / "in", pred, tmp_path / "out", resolution="auto", max_pixels=96 * 96, bucket_step=32,
+                batch_size=2, progress=False)
+    assert s.done == len(sizes)
+    assert 1 < len(s.buckets) < len(sizes)  # similar sizes share a bucket
+    assert s.compile_count == len(s.buckets) == pred.compile_count  # one program per bucket, last batches padded
+    again = predict(tmp_path / "in", pred, tmp_path / "out2", resolution="auto", max_pixels=96 * 96,
+                    bucket_step=32, batch_size=2, progress=False)
+    assert again.compile_count == 0  # the programs are reused across calls
+    for i, (h, w) in enumerate(sizes):
+        assert Image.open(tmp_path / "out" / f"{i}.png").size == (w, h)
+
+
+def test_fixed_resolution_with_a_short_last_batch_compiles_once(tmp_path, model):
+    for i in range(5):
+        save(Image.fromarray(rgb(30 + i, 40, i)), tmp_path / "in" / f"{i}.png")
+    pred = Predictor(model)
+    s = predict(tmp_path / "in", pred, tmp_path / "out", batch_size=pred.padded_batch(2), progress=False)
+    assert s.done == 5 and s.compile_count == 1
+
+
+@pytest.mark.skipif(jax.local_device_count() < 2, reason="needs several (forced) CPU devices")
+def test_many_devices_give_the_same_masks_as_one(tmp_path, model):
+    for i in range(5):
+        save(Image.fromarray(rgb(40, 50, i)), tmp_path / "in" / f"{i}.png")
+    one = predict(tmp_path / "in", Predictor(model, devices=jax.local_devices()[:1]), tmp_path / "one",
+                  batch_size=2, progress=False)
+    many = Predictor(model)
+    assert many.num_devices == jax.local_device_count()
+    all_ = predict(tmp_path / "in", many, tmp_path / "all", progress=False)
+    assert one.done == all_.done == 5
+    for i in range(5):
+        a = np.asarray(Image.open(tmp_path / "one" / f"{i}.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "all" / f"{i}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1  # the same program, partitioned: float rounding at most
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_images(tmp_path, predictor):
+    for i in range(6):
+        save(Image.fromarray(rgb(40, 40, i)), tmp_path / "in" / f"{i}.png")
+    finished = []
+
+    def stop_after_two(path):
+        finished.append(path)
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        predict(tmp_path / "in", predictor, tmp_path / "out", batch_size=1, progress=False, on_image=stop_after_two)
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert len(written) >= 2
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary files
+    mtimes = {p: (tmp_path / "out" / p).stat().st_mtime_ns for p in written}
+    s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False)
+    assert s.skipped == len(written) and s.done == 6 - len(written)
+    assert all((tmp_path / "out" / p).stat().st_mtime_ns == t for p, t in mtimes.items())
+    s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False, overwrite=True)
+    assert s.done == 6 and s.skipped == 0
+
+
+def test_a_failed_write_fails_that_image_only(tmp_path, predictor, monkeypatch):
+    from birefnet_jax.inference import outputs
+
+    for i in range(3):
+        save(Image.fromarray(rgb(40, 40, i)), tmp_path / "in" / f"{i}.png")
+    real = outputs.encode_png
+
+    def flaky(array):
+        if array.shape == (40, 40) and flaky.calls == 1:
+            flaky.calls += 1
+            raise OSError(28, "No space left on device")
+        flaky.calls += 1
+        return real(array)
+
+    flaky.calls = 0
+    monkeypatch.setattr(outputs, "encode_png", flaky)
+    s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False)
+    assert s.done == 2 and len(s.failed) == 1 and "No space left" in s.failed[0][1]
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_cutout_colours_and_alpha(tmp_path, predictor):
+    im = rgb(48, 40, 5)
+    alpha = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (48, 1))
+    save(Image.fromarray(np.dstack([im, alpha]), "RGBA"), tmp_path / "in" / "a.png")
+    save(Image.fromarray(im), tmp_path / "in" / "b.png")
+    s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False, outputs=("mask", "cutout"),
+                refine_radius=15)
+    assert s.done == 2
+    mask = reference_mask(predictor, im)  # the RGB channels alone decide the mask
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{name}.png")), mask)
+    cut_b = np.asarray(Image.open(tmp_path / "out" / "b_cutout.png"))
+    np.testing.assert_array_equal(cut_b[..., 3], mask)
+    np.testing.assert_array_equal(cut_b[..., :3], refine_foreground_strips(im, mask, 15))
+    cut_a = np.asarray(Image.open(tmp_path / "out" / "a_cutout.png"))
+    expected_alpha = (mask.astype(np.uint16) * alpha + 127) // 255  # transparent input stays transparent
+    np.testing.assert_array_equal(cut_a[..., 3], expected_alpha)
+    np.testing.assert_array_equal(cut_a[..., :3], cut_b[..., :3])  # the input's colours, alpha ignored
+
+
+def test_names_that_differ_only_by_extension_do_not_collide(tmp_path, predictor):
+    save(Image.fromarray(rgb(40, 40, 1)), tmp_path / "in" / "x.png")
+    save(Image.fromarray(rgb(40, 40, 2)), tmp_path / "in" / "x.jpg")
+    s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False)
+    assert s.done == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.jpg.png", "x.png.png"]
+
+
+def test_crop_refine_predicts_the_box_again(tmp_path, predictor):
+    """Locate, then crop: the box around the first prediction's object (plus margin) is cut from the
+    full-resolution image, predicted again, and pasted back; the rest stays."""
+    from birefnet_jax.inference.buckets import SizePolicy
+    from birefnet_jax.inference.pipeline import _crop_and_repredict, _Prepared
+
+    im = rgb(400, 300, 7)
+    first = np.zeros((400, 300), np.float32)
+    first[100:200, 50:110] = 0.9  # the object the first pass found
+    p = _Prepared(0, None, None, None, (400, 300), im, None)
+    out = _crop_and_repredict(predictor, SizePolicy(fixed=RES), p, first, margin=0.1)
+    y0, y1, x0, x1 = 100 - 11, 200 + 11, 50 - 7, 110 + 7  # widened by 10% (+1) of the box
+    crop = reference_mask(predictor, np.ascontiguousarray(im[y0:y1, x0:x1]))
+    np.testing.assert_array_equal(mask_to_uint8(out[y0:y1, x0:x1]), crop)
+    outside = np.ones(first.shape, bool)
+    outside[y0:y1, x0:x1] = False
+    np.testing.assert_array_equal(out[outside], first[outside])
+    # No object, or one that fills the image: the first prediction stands.
+    np.testing.assert_array_equal(_crop_and_repredict(predictor, SizePolicy(fixed=RES), p, first * 0, 0.1), 0)
+    save(Image.fromarray(im), tmp_path / "in" / "big.png")
+    s = predict(tmp_path / "in", predictor, tmp_path / "crop", progress=False, crop_refine=True)
+    assert s.done == 1 and Image.open(tmp_path / "crop" / "big.png").size == (300, 400)
+
+
+def test_command_line(tmp_path, converted, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["convert", str(converted("swin_nobn")), str(ckpt), "--resolution", "64x64"]) == 0
+    save(Image.fromarray(rgb(40, 50)), tmp_path / "in" / "ok.png")
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    listing = tmp_path / "list.txt"
+    listing.write_text("in/ok.png\n# a comment\nin/broken.jpg\n")
+    code = main(["predict", "-m", str(ckpt), "-o", str(tmp_path / "out"), str(listing), "-q", "--cutout"])
+    out = capsys.readouterr()
+    assert code == 1 and "FAILED" in out.err and "broken.jpg" in out.err and "done 1" in out.err
+    assert (tmp_path / "out" / "ok.png").exists() and (tmp_path / "out" / "ok_cutout.png").exists()
+    assert main(["predict", "-m", str(ckpt), "-o", str(tmp_path / "out"), str(tmp_path / "in" / "ok.png"),
+                 "-q"]) == 0
+    assert "skipped 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["predict", "-m", str(ckpt), "-o", str(tmp_path / "o"), str(tmp_path / "in"), "--resolution", "70x70"])
+    assert main(["predict", "-m", str(ckpt), "-o", str(tmp_path / "o"), str(tmp_path / "nothing*.png")]) == 2
+    assert "matches no files" in capsys.readouterr().err
+
+
+def test_read_image_sees_through_exif_for_the_mask_size(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    p = save(Image.fromarray(rgb(10, 30)), tmp_path / "r.jpg", exif=exif)
+    assert read_image(p).rgb.shape == (30, 10, 3)
