@@ -189,3 +189,31 @@ def test_overwrite_replaces_a_checkpoint_only_when_complete(tmp_path, monkeypatc
     assert all(np.array_equal(back[k], sd[k]) for k in sd)
     save_model(model, ckpt, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_hub_checkpoints_are_converted_once_and_cached(monkeypatch, converted, tmp_path):
+    import huggingface_hub
+
+    from birefnet_jax.convert.io import CheckpointReadError
+
+    calls = []
+
+    def fake_download(repo_id, filename):
+        calls.append((repo_id, filename))
+        return str(converted("swin_nobn"))
+
+    monkeypatch.setenv("BIREFNET_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    first = birefnet_jax.load("hf:ZhengPeng7/BiRefNet_lite")
+    second = birefnet_jax.load("hf:ZhengPeng7/BiRefNet_lite")
+    assert calls == [("ZhengPeng7/BiRefNet_lite", "model.safetensors")]  # downloaded and converted once
+    assert (tmp_path / "cache" / "hf" / "ZhengPeng7--BiRefNet_lite--model.safetensors" / "config").is_dir()
+    a, b = model_to_state_dict(first), model_to_state_dict(second)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+    def offline(repo_id, filename):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(CheckpointReadError, match="Without a network.*local path"):
+        birefnet_jax.load("hf:ZhengPeng7/BiRefNet")
