@@ -172,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(multiple of 32; coarser = fewer compilations)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: one per device)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--cutout", action="store_true", help="also write RGBA cut-outs (<name>_cutout.png)")
-    p.add_argument("--prob", action="store_true", help="also write float32 probabilities (<name>.npy)")
-    p.add_argument("--no-mask", action="store_true", help="do not write the 8-bit masks (<name>.png)")
+    p.add_argument("--cutout", action="store_true",
+                   help="also write RGBA cut-outs (<name>_cutout.png; videos: <name>_cutout.mkv)")
+    p.add_argument("--prob", action="store_true", help="also write float32 probabilities (<name>.npy; images only)")
+    p.add_argument("--no-mask", action="store_true",
+                   help="do not write the 8-bit masks (<name>.png; videos: <name>_mask.mkv)")
     p.add_argument("--refine-radius", type=int, default=90, help="foreground refinement window for cut-outs")
     p.add_argument("--crop-refine", action="store_true",
                    help="predict again on the object's bounding box cut from the full-resolution image")

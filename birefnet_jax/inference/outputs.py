@@ -45,9 +45,15 @@ def plan_outputs(rels: Sequence[Path], root: Path, kinds: Sequence[str]) -> list
     return out
 
 
-def mask_to_uint8(prob: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] -> 8-bit, truncating as the original saves its predictions."""
-    return (np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
+def mask_to_uint8(prob: np.ndarray, block_rows: int = 512) -> np.ndarray:
+    """Probabilities in [0, 1] -> 8-bit, truncating as the original saves its predictions; in blocks
+    of rows, so a 12000x9000 map needs no full-size float temporaries."""
+    out = np.empty(prob.shape, np.uint8)
+    for start in range(0, prob.shape[0], block_rows):
+        block = np.clip(prob[start : start + block_rows], 0.0, 1.0)
+        block *= np.float32(255.0)
+        out[start : start + block_rows] = block  # float -> uint8 truncates
+    return out
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -143,6 +143,10 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, outp
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"--output {output} is a file; give a folder")
+    out_root = output.resolve()
+    items = [it for it in items if out_root not in it.path.resolve().parents]  # our own outputs are no inputs
+    if not items:
+        raise ValueError(f"the inputs hold nothing outside the output folder {output}")
     predictor = _resolve_predictor(model, dtype, devices)
     policy = size_policy(resolution, predictor.resolution, max_pixels=max_pixels, bucket_step=bucket_step)
     batch = batch_size or predictor.num_devices
@@ -270,7 +274,7 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, outp
             from birefnet_jax.inference.video import predict_videos
 
             predict_videos(videos, predictor, policy, output, summary, kinds=kinds, batch=batch,
-                           overwrite=overwrite, progress=progress)
+                           overwrite=overwrite, progress=progress, refine_radius=refine_radius)
     finally:
         for fut in (f for _, f in reads):
             fut.cancel()
