@@ -11,6 +11,8 @@ from birefnet_jax.config import (
     VggConfig,
     get_preset,
 )
+from birefnet_jax.inference import PredictSummary, predict
+from birefnet_jax.inference.export import export_model
 from birefnet_jax.model import BiRefNet, TrainOutputs, count_params
 
 try:
@@ -25,6 +27,7 @@ __all__ = [
     "PRESETS",
     "BiRefNet",
     "BiRefNetConfig",
+    "PredictSummary",
     "Predictor",
     "PvtV2Config",
     "ResNetConfig",
@@ -33,9 +36,11 @@ __all__ = [
     "VggConfig",
     "__version__",
     "count_params",
+    "export_model",
     "get_preset",
     "load",
     "load_predictor",
     "make_predict_fn",
     "normalize",
+    "predict",
 ]

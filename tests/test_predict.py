@@ -304,3 +304,21 @@ def test_read_image_sees_through_exif_for_the_mask_size(tmp_path):
     exif[0x0112] = 8
     p = save(Image.fromarray(rgb(10, 30)), tmp_path / "r.jpg", exif=exif)
     assert read_image(p).rgb.shape == (30, 10, 3)
+
+
+def test_compile_cache_persists_programs(tmp_path, converted):
+    """--compile-cache: a second process finds the programs the first one compiled."""
+    import subprocess
+    import sys
+
+    save(Image.fromarray(rgb(40, 50)), tmp_path / "in" / "a.png")
+    cache = tmp_path / "xla-cache"
+    cmd = [sys.executable, "-m", "birefnet_jax", "predict", "-m", str(converted("swin_nobn")), "-o",
+           str(tmp_path / "out"), str(tmp_path / "in"), "--resolution", "64x64", "--compile-cache", str(cache), "-q"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    entries = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    assert entries, "nothing was written to the compilation cache"
+    second = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "done 1" in second.stdout
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == entries  # found, not compiled anew
