@@ -154,7 +154,7 @@ def test_conversion_errors_only_name_flags_that_exist():
         for literal in re.findall(r"\"[^\"\n]*\"|'[^'\n]*'", f.read_text()):
             if "pip install" in literal:  # pip's own flags
                 continue
-            mentioned |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", literal))
+            mentioned |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", literal))
     assert mentioned, "the scan found no flags at all"
     assert mentioned <= flags, f"messages name flags that do not exist: {sorted(mentioned - flags)}"
 
