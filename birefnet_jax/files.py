@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -27,7 +28,7 @@ def atomic_path(path: str | os.PathLike, *, mode: int = 0o666) -> Iterator[Path]
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, mode & ~_umask())
+        os.chmod(tmp, mode & ~umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -201,27 +201,13 @@ def sidecar_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path.with_name(path.name + SIDECAR_SUFFIX), path.with_name(path.name + WEIGHTS_SUFFIX)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """`write(file)` into a temporary file beside `path`, then rename it onto `path` with the
-    permissions of the user's umask (mkstemp alone leaves 0600); a failure leaves no file behind."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """`write(file)` through `birefnet_jax.files.atomic_path` (imported here, on the export side, so
+    that the loader above stays importable without the package)."""
+    from birefnet_jax.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _dim(d) -> int | str:
@@ -402,7 +388,9 @@ def export_saved_model(model: BiRefNet, directory: str | os.PathLike, *, batch: 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        from birefnet_jax.files import umask
+
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
         tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve})
         meta = export_metadata(model, batch=batch, resolution=(h, w), dtype=dtype, weights="argument",
                                layout=layout, uint8_input=uint8_input)

@@ -28,21 +28,23 @@ class OutputPaths:
         return {k: p for k, p in self.paths.items() if not p.exists()}
 
 
-def plan_outputs(rels: Sequence[Path], root: Path, kinds: Sequence[str]) -> list[OutputPaths]:
-    """Output paths mirroring the input tree: `<root>/<rel without extension><suffix>`. Inputs whose
-    names differ only by extension (a.jpg, a.png) keep the extension in the name (a.jpg.png)."""
-    bad = [k for k in kinds if k not in KINDS]
-    if bad or not kinds:
-        raise ValueError(f"output kinds must be some of {KINDS}, got {list(kinds)}")
+def mirror_paths(rels: Sequence[Path], root: Path, suffixes: dict[str, str]) -> list[dict[str, Path]]:
+    """Output paths mirroring the input tree: `<root>/<rel without extension><suffix>` per kind. Inputs
+    whose names differ only by extension (a.jpg, a.png) keep the extension in the name (a.jpg.png)."""
     stems = [r.with_suffix("") for r in rels]
     counts: dict[Path, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
-    out = []
-    for rel, stem in zip(rels, stems, strict=True):
-        base = rel if counts[stem] > 1 else stem
-        out.append(OutputPaths({k: root / (str(base) + _SUFFIX[k]) for k in kinds}))
-    return out
+    return [{k: root / (str(rel if counts[stem] > 1 else stem) + suffix) for k, suffix in suffixes.items()}
+            for rel, stem in zip(rels, stems, strict=True)]
+
+
+def plan_outputs(rels: Sequence[Path], root: Path, kinds: Sequence[str]) -> list[OutputPaths]:
+    """The image outputs of each input (see `mirror_paths`)."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"output kinds must be some of {KINDS}, got {list(kinds)}")
+    return [OutputPaths(p) for p in mirror_paths(rels, root, {k: _SUFFIX[k] for k in kinds})]
 
 
 def mask_to_uint8(prob: np.ndarray, block_rows: int = 512) -> np.ndarray:

@@ -52,9 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
+from birefnet_jax.files import umask
 from birefnet_jax.inference.buckets import SizePolicy
 from birefnet_jax.inference.images import InputItem, resize_align_corners, resize_linear
-from birefnet_jax.inference.outputs import mask_to_uint8
+from birefnet_jax.inference.outputs import mask_to_uint8, mirror_paths
 
 VIDEO_KINDS: tuple[str, ...] = ("mask", "cutout")
 _SUFFIX = {"mask": "_mask.mkv", "cutout": "_cutout.mkv"}
@@ -83,17 +84,8 @@ def _import_cv2():
 
 
 def plan_video_outputs(rels: Sequence[Path], root: Path, kinds: Sequence[str]) -> list[dict[str, Path]]:
-    """Output paths mirroring the inputs: `<root>/<rel without extension>_mask.mkv` etc. Videos whose
-    names differ only by extension (a.mp4, a.avi) keep it in the name (a.mp4_mask.mkv)."""
-    stems = [r.with_suffix("") for r in rels]
-    counts: dict[Path, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    out = []
-    for rel, stem in zip(rels, stems, strict=True):
-        base = rel if counts[stem] > 1 else stem
-        out.append({k: root / (str(base) + _SUFFIX[k]) for k in kinds if k in VIDEO_KINDS})
-    return out
+    """`<root>/<rel without extension>_mask.mkv` etc., mirroring the inputs as images do."""
+    return mirror_paths(rels, root, {k: _SUFFIX[k] for k in kinds if k in VIDEO_KINDS})
 
 
 def predict_videos(videos: list[InputItem], predictor, policy: SizePolicy, output: Path, summary, *,
@@ -324,12 +316,6 @@ class _Decoder:
         self.cap.release()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _alpha_property(cv2) -> int | None:
     """The writer property that lets it take BGRA frames (OpenCV 4.14+), or None."""
     return getattr(cv2, "VIDEOWRITER_PROP_ENABLE_ALPHA", None)
@@ -405,7 +391,7 @@ class _Writer:
             raise VideoError(f"writing the {self.kind} video failed: OpenCV wrote {got} of {frames}")
 
     def commit(self) -> None:
-        os.chmod(self.tmp, 0o666 & ~_umask())
+        os.chmod(self.tmp, 0o666 & ~umask())
         os.replace(self.tmp, self.dest)
         self.tmp = None
 
