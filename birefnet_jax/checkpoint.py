@@ -39,7 +39,7 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     return path.is_dir() and _read_meta_file(path) is not None
 
 
-def _check_replaceable(directory: Path, protect: tuple[Path, ...]) -> None:
+def check_replaceable(directory: Path, protect: tuple[Path, ...]) -> None:
     """Overwriting may only ever replace a checkpoint this package wrote: never another folder,
     a file, the working directory, or a folder holding the source."""
     if directory.is_file() or directory.is_symlink():
@@ -69,7 +69,7 @@ def save_model(model: BiRefNet, directory: str | os.PathLike, *, overwrite: bool
     if directory.exists() or directory.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{directory} exists; choose another path or pass overwrite=True (--force)")
-        _check_replaceable(directory, tuple(Path(p) for p in protect))
+        check_replaceable(directory, tuple(Path(p) for p in protect))
     state = nnx.to_pure_dict(nnx.state(model, _WEIGHTS))
     meta = {_CONFIG_KEY: model.cfg.to_dict(), **(extra or {})}
     target = directory.with_name(f"{directory.name}.new-{os.getpid()}") if directory.exists() else directory

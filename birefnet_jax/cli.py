@@ -81,9 +81,9 @@ def cmd_convert(args) -> int:
     elif dst.exists() or dst.is_symlink():
         if not args.force:
             raise FileExistsError(f"{dst} exists (use --force to replace a checkpoint this tool wrote)")
-        from birefnet_jax.checkpoint import _check_replaceable
+        from birefnet_jax.checkpoint import check_replaceable
 
-        _check_replaceable(dst.absolute(), (src.absolute(),))  # before the (slow) conversion
+        check_replaceable(dst.absolute(), (src.absolute(),))  # before the (slow) conversion
 
     model = load(args.src, **_overrides(args))
     cfg = model.cfg
