@@ -295,6 +295,8 @@ def test_command_line(tmp_path, converted, capsys):
     assert "skipped 1" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["predict", "-m", str(ckpt), "-o", str(tmp_path / "o"), str(tmp_path / "in"), "--resolution", "70x70"])
+    assert main(["predict", "-m", str(ckpt), "-o", str(tmp_path / "o"), str(tmp_path / "in"), "--batch-size", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
     assert main(["predict", "-m", str(ckpt), "-o", str(tmp_path / "o"), str(tmp_path / "nothing*.png")]) == 2
     assert "matches no files" in capsys.readouterr().err
 

@@ -149,7 +149,7 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, outp
         raise ValueError(f"the inputs hold nothing outside the output folder {output}")
     predictor = _resolve_predictor(model, dtype, devices)
     policy = size_policy(resolution, predictor.resolution, max_pixels=max_pixels, bucket_step=bucket_step)
-    batch = batch_size or predictor.num_devices
+    batch = predictor.num_devices if batch_size is None else batch_size
     if batch < 1:
         raise ValueError(f"batch size must be at least 1, got {batch}")
     batch = predictor.padded_batch(batch)
