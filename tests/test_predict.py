@@ -197,6 +197,37 @@ def test_an_interrupted_run_resumes_without_redoing_finished_images(tmp_path, pr
     assert s.done == 6 and s.skipped == 0
 
 
+def test_a_killed_process_resumes(tmp_path, converted):
+    """SIGKILL midway (no cleanup runs at all): the rerun skips what was written, leaves it untouched,
+    does the rest, and clears the temporary files the killed run left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for i in range(12):  # large enough that refining each cut-out takes a while
+        save(Image.fromarray(rgb(600, 800, i)), tmp_path / "in" / f"{i:02d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "birefnet_jax", "predict", "-m", str(converted("swin_nobn")), "-o", str(out),
+           str(tmp_path / "in"), "--resolution", "64x64", "--batch-size", "1", "--cutout", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob("??.png"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    masks = sorted(out.glob("??.png"))
+    assert 0 < len(masks) < 12, "the run should have been killed midway"
+    (out / ".05_cutout.png.abc123.tmp").write_bytes(b"half a file")  # as a kill during a write leaves
+    done = {p.name: p.stat().st_mtime_ns for p in masks}
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"skipped {len(done)}" in rerun.stdout and f"done {12 - len(done)}," in rerun.stdout
+    assert all((out / n).stat().st_mtime_ns == t for n, t in done.items())
+    assert len(list(out.glob("??.png"))) == 12 and len(list(out.glob("??_cutout.png"))) == 12
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_a_failed_write_fails_that_image_only(tmp_path, predictor, monkeypatch):
     from birefnet_jax.inference import outputs
 

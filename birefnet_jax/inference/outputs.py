@@ -47,6 +47,25 @@ def plan_outputs(rels: Sequence[Path], root: Path, kinds: Sequence[str]) -> list
     return [OutputPaths(p) for p in mirror_paths(rels, root, {k: _SUFFIX[k] for k in kinds})]
 
 
+def remove_stale_temporaries(plans: Sequence[OutputPaths]) -> int:
+    """Delete the temporary files a killed run left beside the outputs it was writing
+    (`.<name>.<random>.tmp`, see `birefnet_jax.files.atomic_path`); returns how many."""
+    by_folder: dict[Path, set[str]] = {}
+    for plan in plans:
+        for p in plan.paths.values():
+            by_folder.setdefault(p.parent, set()).add(p.name)
+    removed = 0
+    for folder, names in by_folder.items():
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            n = entry.name
+            if n.startswith(".") and n.endswith(".tmp") and n[1:].rsplit(".", 2)[0] in names:
+                entry.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def mask_to_uint8(prob: np.ndarray, block_rows: int = 512) -> np.ndarray:
     """Probabilities in [0, 1] -> 8-bit, truncating as the original saves its predictions; in blocks
     of rows, so a 12000x9000 map needs no full-size float temporaries."""

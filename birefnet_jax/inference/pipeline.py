@@ -29,7 +29,14 @@ from birefnet_jax.inference.images import (
     resize_align_corners,
     resize_linear,
 )
-from birefnet_jax.inference.outputs import OutputPaths, mask_to_uint8, plan_outputs, write_npy, write_png
+from birefnet_jax.inference.outputs import (
+    OutputPaths,
+    mask_to_uint8,
+    plan_outputs,
+    remove_stale_temporaries,
+    write_npy,
+    write_png,
+)
 
 
 @dataclasses.dataclass
@@ -167,6 +174,7 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, outp
         else:
             todo.append((item, plan))
 
+    remove_stale_temporaries([plan for _, plan in todo])  # left by a run that was killed
     bar = _progress(len(todo), progress)
     keep_pixels = "cutout" in kinds
 
