@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -86,14 +87,29 @@ class _Prepared:
 
 
 def _resolve_predictor(model, dtype, devices):
-    from birefnet_jax.api import Predictor, load_predictor
+    from birefnet_jax.api import Predictor
     from birefnet_jax.model import BiRefNet
 
     if isinstance(model, Predictor):
         return model
     if isinstance(model, BiRefNet):
         return Predictor(model, devices=devices)
-    return load_predictor(model, dtype=dtype, devices=devices)
+    spec = str(model)
+    stamp = os.stat(spec).st_mtime_ns if os.path.exists(spec) else None  # a rewritten checkpoint is reloaded
+    ids = None if devices is None else tuple(d.id for d in devices)
+    return _cached_predictor(spec, stamp, None if dtype is None else np.dtype(dtype).name, ids)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_predictor(spec: str, stamp, dtype: str | None, device_ids):
+    """Predictors by checkpoint, so that repeated `predict` calls on the same checkpoint reuse the
+    weights and compiled programs (two kept: a model's weights can be large)."""
+    import jax
+
+    from birefnet_jax.api import load_predictor
+
+    devices = None if device_ids is None else [d for d in jax.local_devices() if d.id in device_ids]
+    return load_predictor(spec, dtype=None if dtype is None else jax.numpy.dtype(dtype), devices=devices)
 
 
 def size_policy(resolution, default: tuple[int, int], *, max_pixels: int | None = None,
