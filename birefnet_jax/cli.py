@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from birefnet_jax.inference.buckets import parse_size
+
 
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
@@ -18,20 +20,6 @@ def version() -> str:
         return _version("birefnet-jax")
     except PackageNotFoundError:  # running from a source tree that was not installed
         return "unknown (not installed)"
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' (or one number for a square) -> (height, width), each a positive multiple of 32."""
-    w, sep, h = text.lower().partition("x")
-    try:
-        width, height = int(w), int(h if sep else w)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
-    if width < 32 or height < 32 or width % 32 or height % 32:
-        near = f"{max(32, round(width / 32) * 32)}x{max(32, round(height / 32) * 32)}"
-        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 32 "
-                                         f"(the backbone downsamples 32x), e.g. {near}")
-    return height, width
 
 
 def parse_heads(text: str) -> tuple[int, ...]:

@@ -304,7 +304,7 @@ def test_crop_refine_predicts_the_box_again(tmp_path, predictor):
     im = rgb(400, 300, 7)
     first = np.zeros((400, 300), np.float32)
     first[100:200, 50:110] = 0.9  # the object the first pass found
-    p = _Prepared(0, None, None, None, (400, 300), im, None)
+    p = _Prepared(0, None, None, None, RES, (400, 300), im, None)
     out = _crop_and_repredict(predictor, SizePolicy(fixed=RES), p, first, margin=0.1)
     y0, y1, x0, x1 = 100 - 11, 200 + 11, 50 - 7, 110 + 7  # widened by 10% (+1) of the box
     crop = reference_mask(predictor, np.ascontiguousarray(im[y0:y1, x0:x1]))

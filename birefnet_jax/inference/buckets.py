@@ -3,6 +3,7 @@ compiles a handful of programs rather than one per image size."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 
@@ -55,3 +56,18 @@ class SizePolicy:
         if self.fixed is not None:
             return f"{self.fixed[1]}x{self.fixed[0]}"
         return f"auto (up to {self.max_pixels / 1e6:.2f} MP, sides in steps of {self.step})"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' (or one number for a square), as the command line and the original write sizes ->
+    (height, width), each a positive multiple of 32. Raises argparse.ArgumentTypeError, as argparse expects."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        width, height = int(w), int(h if sep else w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    if width < 32 or height < 32 or width % 32 or height % 32:
+        near = f"{max(32, round(width / 32) * 32)}x{max(32, round(height / 32) * 32)}"
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 32 "
+                                         f"(the backbone downsamples 32x), e.g. {near}")
+    return height, width

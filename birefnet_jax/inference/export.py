@@ -429,7 +429,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                                        "or a folder with --saved-model")
     parser.add_argument("--batch", type=_parse_batch, default=1,
                         help="images per call, or 'dynamic' for any batch size (default 1)")
-    from birefnet_jax.cli import parse_size
+    from birefnet_jax.inference.buckets import parse_size
 
     parser.add_argument("--resolution", type=parse_size, default=None,
                         help="input size WIDTHxHEIGHT, multiples of 32 (default: the checkpoint's training size)")

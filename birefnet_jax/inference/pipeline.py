@@ -8,6 +8,7 @@ are submitted lazily, a few batches ahead), plus one partly filled batch per buc
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import functools
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from birefnet_jax.inference.buckets import SizePolicy
+from birefnet_jax.inference.buckets import SizePolicy, parse_size
 from birefnet_jax.inference.images import (
     DEFAULT_MAX_PIXELS,
     VIDEO_EXTENSIONS,
@@ -81,6 +82,7 @@ class _Prepared:
     item: InputItem
     outputs: OutputPaths
     model_input: np.ndarray  # (h, w, 3) uint8 at the bucket size
+    bucket: tuple[int, int]  # the model input size (height, width)
     size: tuple[int, int]  # original (height, width)
     rgb: np.ndarray | None  # original pixels, kept only for cut-outs
     alpha: np.ndarray | None
@@ -120,11 +122,9 @@ def size_policy(resolution, default: tuple[int, int], *, max_pixels: int | None 
     if isinstance(resolution, str):
         if resolution == "auto":
             return SizePolicy(max_pixels=max_pixels or default[0] * default[1], step=bucket_step)
-        from birefnet_jax.cli import parse_size
-
         try:
             return SizePolicy(fixed=parse_size(resolution))
-        except Exception as e:
+        except argparse.ArgumentTypeError as e:  # the command line's error type; a ValueError here
             raise ValueError(str(e)) from None
     return SizePolicy(fixed=tuple(int(v) for v in resolution))
 
@@ -199,7 +199,7 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, outp
         h, w = decoded.rgb.shape[:2]
         bucket = policy.bucket(w, h)
         small = resize_linear(decoded.rgb, bucket)
-        return _Prepared(index, item, plan, small, (h, w), decoded.rgb if keep_pixels or crop_refine else None,
+        return _Prepared(index, item, plan, small, bucket, (h, w), decoded.rgb if keep_pixels or crop_refine else None,
                          decoded.alpha if keep_pixels else None)
 
     def finish(p: _Prepared, prob_small: np.ndarray) -> None:
@@ -285,10 +285,10 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, outp
                 summary.failed.append((item.path, _reason(e)))
                 bar.update(1)
                 continue
-            group = pending[policy.bucket(prepared.size[1], prepared.size[0])]
+            group = pending[prepared.bucket]
             group.append(prepared)
             if len(group) == batch:
-                dispatch(policy.bucket(prepared.size[1], prepared.size[0]))
+                dispatch(prepared.bucket)
         for bucket in list(pending):
             dispatch(bucket)
         while inflight:
