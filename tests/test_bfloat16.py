@@ -50,6 +50,8 @@ def _primitive_dtypes(jaxpr) -> collections.Counter:
     def walk(j):
         for eqn in j.eqns:
             counts[(eqn.primitive.name, str(eqn.outvars[0].aval.dtype))] += 1
+            if eqn.invars and hasattr(eqn.invars[0].aval, "dtype"):
+                counts[("operand of " + eqn.primitive.name, str(eqn.invars[0].aval.dtype))] += 1
             for p in eqn.params.values():
                 for sub in p if isinstance(p, (list, tuple)) else (p,):
                     inner = getattr(sub, "jaxpr", sub)
@@ -70,7 +72,13 @@ def test_bfloat16_keeps_float32_where_it_matters():
     dtypes = collections.defaultdict(set)
     for (prim, dtype), _ in counts.items():
         dtypes[prim].add(dtype)
-    assert dtypes["dot_general"] == {"bfloat16"}  # the matmuls do run in bfloat16
+    assert dtypes["operand of dot_general"] == {"bfloat16"}  # the matmuls do run in bfloat16
+    # ... and give bfloat16, except the deformable convolution's, which accumulates in float32.
+    assert dtypes["dot_general"] == {"bfloat16", "float32"}
+    from birefnet_jax.nn.deform_conv import DeformableConv2d
+
+    n_deform = sum(isinstance(m, DeformableConv2d) for _, m in nnx.iter_modules(model))
+    assert counts[("dot_general", "float32")] == n_deform > 0
     assert "bfloat16" in dtypes["conv_general_dilated"]
     assert dtypes["exp"] == {"float32"}  # softmax (attention) in float32
     assert dtypes["rsqrt"] == {"float32"}  # LayerNorm / BatchNorm statistics

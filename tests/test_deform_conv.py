@@ -84,3 +84,72 @@ def test_matches_torchvision():
                             w.transpose(2, 3, 1, 0), padding=pad)
         got = np.asarray(got).transpose(0, 3, 1, 2)
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-6
+
+
+def _previous_formulation(x, offset, mask, kernel, *, padding):
+    """The formulation this module used before tiling (four gathered (B, Ho, Wo, K, C) corner
+    tensors, then one contraction), kept as a second reference for values and gradients."""
+    import jax.numpy as jnp
+
+    b, h, w, c = x.shape
+    kh, kw, _, o = kernel.shape
+    k = kh * kw
+    ho, wo = offset.shape[1:3]
+    off = offset.reshape(b, ho, wo, k, 2)
+    ky, kx = jnp.meshgrid(jnp.arange(kh), jnp.arange(kw), indexing="ij")
+    py = (jnp.arange(ho) - padding)[:, None, None] + ky.reshape(-1)[None, None, :] + off[..., 0]
+    px = (jnp.arange(wo) - padding)[None, :, None] + kx.reshape(-1)[None, None, :] + off[..., 1]
+    inside = (py > -1) & (py < h) & (px > -1) & (px < w)
+    y0, x0 = jnp.floor(py), jnp.floor(px)
+    ly, lx = py - y0, px - x0
+    y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
+    flat = x.reshape(b, h * w, c)
+
+    def corner(yi, xi, wgt):
+        valid = inside & (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+        idx = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
+        vals = jnp.take_along_axis(flat, idx.reshape(b, -1, 1), axis=1).reshape(b, ho, wo, k, c)
+        return vals * jnp.where(valid, wgt, 0)[..., None]
+
+    sampled = (corner(y0, x0, (1 - ly) * (1 - lx)) + corner(y0, x0 + 1, (1 - ly) * lx)
+               + corner(y0 + 1, x0, ly * (1 - lx)) + corner(y0 + 1, x0 + 1, ly * lx))
+    return jnp.einsum("bhwkc,kco->bhwo", sampled * mask[..., None], kernel.reshape(k, c, o))
+
+
+def _grad_case(seed, k=3, b=2, h=6, w=7, c=3, o=4):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((b, h, w, c)), rng.standard_normal((b, h, w, 2 * k * k)) * 2.0,
+            rng.random((b, h, w, k * k)) * 2, rng.standard_normal((k, k, c, o)))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_gradient_matches_finite_differences(k):
+    """Reverse-mode gradients with respect to input, offsets, mask and kernel, in float64, against
+    central differences (random offsets stay clear of the integer kinks of bilinear sampling)."""
+    import jax
+    from jax.test_util import check_grads
+
+    with jax.enable_x64(True):
+        args = _grad_case(k, k=k)
+        # A tile smaller than the positions, so that gradients cross tile boundaries and padding.
+        f = lambda *a: deform_conv2d(*a, padding=k // 2, tile_bytes=40 * k * k * 3 * 8)  # noqa: E731
+        check_grads(f, args, order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def test_values_and_gradients_match_previous_formulation():
+    import jax
+
+    with jax.enable_x64(True):
+        args = _grad_case(7, k=7, h=9, w=8, c=5, o=6)
+        cot = np.random.default_rng(1).standard_normal((2, 9, 8, 6))
+
+        def loss(fn):
+            return lambda *a: (fn(*a) * cot).sum()
+
+        new = lambda *a: deform_conv2d(*a, padding=3, tile_bytes=16 * 49 * 5 * 8)  # noqa: E731
+        old = lambda *a: _previous_formulation(*a, padding=3)  # noqa: E731
+        np.testing.assert_allclose(np.asarray(new(*args)), np.asarray(old(*args)), rtol=1e-12, atol=1e-12)
+        got = jax.grad(loss(new), argnums=(0, 1, 2, 3))(*args)
+        ref = jax.grad(loss(old), argnums=(0, 1, 2, 3))(*args)
+        for name, g, r in zip(("input", "offset", "mask", "kernel"), got, ref, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-10, atol=1e-10, err_msg=name)

@@ -1,4 +1,4 @@
-"""Modulated deformable convolution (DCNv2), vectorised over positions and taps.
+"""Modulated deformable convolution (DCNv2), tiled over output positions.
 
 Semantics follow torchvision's `deform_conv2d` with one offset group: tap `k` of the
 kernel at output position `(i, j)` samples the input at
@@ -6,6 +6,13 @@ kernel at output position `(i, j)` samples the input at
 interpolation, where corners outside the image read as zero and a point beyond one pixel
 outside reads as zero altogether; the sample is multiplied by the mask before the
 weighted sum over taps and input channels.
+
+How it runs: the four bilinear corners of every cell are laid side by side in one table
+(so each sample is one contiguous-row gather), and output positions go through in tiles
+(`lax.map`): a tile gathers and blends its samples, (tile, K*C), and contracts them with the
+kernel as one matmul, so no (H, W, K, C) tensor exists, let alone one per corner. The
+tile function is rematerialised in the backward pass (`jax.checkpoint`), which keeps
+training memory at one tile as well; its gradient is the gather's scatter-add.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from birefnet_jax.nn.layers import at_least_f32, conv2d
+
+TILE_BYTES = 4 << 20  # sampled input per tile of positions: a few MiB stays in cache
 
 
 def deform_conv2d(
@@ -27,6 +36,7 @@ def deform_conv2d(
     stride: int = 1,
     padding: int = 0,
     dilation: int = 1,
+    tile_bytes: int = TILE_BYTES,
 ) -> jax.Array:
     """Deformable convolution on NHWC arrays.
 
@@ -37,16 +47,67 @@ def deform_conv2d(
       mask: (B, Ho, Wo, K) modulation, or None for plain DCNv1.
       kernel: (kh, kw, C, O), the Flax layout of the regular convolution's weight.
       bias: (O,) or None.
+      tile_bytes: about how much sampled input one tile of output positions holds.
+
+    The input is computed with in its own dtype (bfloat16 under mixed precision); sampling
+    positions, bilinear weights and the accumulation are at least float32.
     """
     b, h, w, c = x.shape
     kh, kw, _, o = kernel.shape
     k = kh * kw
     ho, wo = offset.shape[1], offset.shape[2]
+    acc = at_least_f32(x.dtype)
+    table = _corner_table(x)
+    idx, wgt = _sampling_plan(offset, mask, (b, h, w), (kh, kw), (ho, wo), stride, padding, dilation)
+
+    n = b * ho * wo
+    per_position = k * c * jnp.dtype(acc).itemsize
+    tile = int(max(8, min(n, tile_bytes // per_position)))
+    n_tiles = -(-n // tile)
+    pad = n_tiles * tile - n
+    idx = jnp.pad(idx.reshape(n, k), ((0, pad), (0, 0))).reshape(n_tiles, tile, k)
+    wgt = jnp.pad(wgt.reshape(n, k, 4), ((0, pad), (0, 0), (0, 0))).reshape(n_tiles, tile, k, 4)
+    weight = kernel.reshape(k * c, o).astype(x.dtype)
+
+    @jax.checkpoint
+    def tile_out(args):
+        t_idx, t_wgt = args
+        corners = jnp.take(table, t_idx, axis=0, mode="clip").astype(acc)  # (tile, K, 4*C)
+        sampled = sum(corners[..., q * c:(q + 1) * c] * t_wgt[..., q:q + 1] for q in range(4))
+        sampled = sampled.reshape(tile, k * c).astype(x.dtype)
+        return jnp.dot(sampled, weight, preferred_element_type=acc)
+
+    out = jax.lax.map(tile_out, (idx, wgt)).reshape(n_tiles * tile, o)[:n]
+    out = out.reshape(b, ho, wo, o)
+    if bias is not None:
+        out = out + bias.astype(acc)
+    return out.astype(x.dtype)
+
+
+def _corner_table(x: jax.Array) -> jax.Array:
+    """(B*(H+1)*(W+1), 4*C): row `(y+1)*(W+1) + (x+1)` holds the four bilinear corners of the
+    cell whose top-left pixel is (y, x), for y in [-1, H-1] and x in [-1, W-1], zeros outside
+    the image. One gather of a contiguous row then fetches all four corners (XLA's CPU gather
+    is several times faster on rows of a 2-D table than on (4, C) slices)."""
+    b, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    corners = (xp[:, :-1, :-1], xp[:, :-1, 1:], xp[:, 1:, :-1], xp[:, 1:, 1:])
+    return jnp.concatenate(corners, axis=3).reshape(b * (h + 1) * (w + 1), 4 * c)
+
+
+def _sampling_plan(offset, mask, in_shape, kernel_size, out_size, stride, padding, dilation):
+    """Row of `_corner_table` and the four bilinear weights (times the modulation, zero for a
+    point beyond one pixel outside the image) of every (position, tap): (B, Ho, Wo, K) and
+    (B, Ho, Wo, K, 4)."""
+    b, h, w = in_shape
+    kh, kw = kernel_size
+    ho, wo = out_size
+    k = kh * kw
     off = offset.reshape(b, ho, wo, k, 2)
+    off = off.astype(at_least_f32(off.dtype))
     ky, kx = jnp.meshgrid(jnp.arange(kh), jnp.arange(kw), indexing="ij")
     base_y = (jnp.arange(ho) * stride - padding)[:, None, None] + (ky.reshape(-1) * dilation)[None, None, :]
     base_x = (jnp.arange(wo) * stride - padding)[None, :, None] + (kx.reshape(-1) * dilation)[None, None, :]
-    off = off.astype(at_least_f32(off.dtype))
     py = base_y.astype(off.dtype)[None] + off[..., 0]  # (B, Ho, Wo, K)
     px = base_x.astype(off.dtype)[None] + off[..., 1]
 
@@ -55,28 +116,14 @@ def deform_conv2d(
     x0 = jnp.floor(px)
     ly = py - y0
     lx = px - x0
-    y0 = y0.astype(jnp.int32)
-    x0 = x0.astype(jnp.int32)
-    flat = x.reshape(b, h * w, c)
-
-    def corner(yi, xi, wgt):
-        valid = inside & (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
-        idx = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
-        vals = jnp.take_along_axis(flat, idx.reshape(b, -1, 1), axis=1).reshape(b, ho, wo, k, c)
-        return vals * jnp.where(valid, wgt, 0).astype(x.dtype)[..., None]
-
-    sampled = (
-        corner(y0, x0, (1 - ly) * (1 - lx))
-        + corner(y0, x0 + 1, (1 - ly) * lx)
-        + corner(y0 + 1, x0, ly * (1 - lx))
-        + corner(y0 + 1, x0 + 1, ly * lx)
-    )
+    scale = inside.astype(off.dtype)
     if mask is not None:
-        sampled = sampled * mask[..., None].astype(x.dtype)
-    out = jnp.einsum("bhwkc,kco->bhwo", sampled, kernel.reshape(k, c, o).astype(x.dtype))
-    if bias is not None:
-        out = out + bias
-    return out
+        scale = scale * mask.astype(off.dtype)
+    wgt = jnp.stack([(1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx], axis=-1) * scale[..., None]
+    row = jnp.clip(y0.astype(jnp.int32), -1, h - 1) + 1
+    col = jnp.clip(x0.astype(jnp.int32), -1, w - 1) + 1
+    image = jnp.arange(b, dtype=jnp.int32)[:, None, None, None] * ((h + 1) * (w + 1))
+    return image + row * (w + 1) + col, wgt
 
 
 class DeformableConv2d(nnx.Module):
