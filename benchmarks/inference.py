@@ -87,34 +87,6 @@ def make_images(folder: Path, count: int, seed: int) -> list[dict]:
 # Ours: one configuration per process.
 
 
-def random_model(cfg, dtype=None, seed: int = 0):
-    """The model with random weights, filled from NumPy on the abstract model: seconds, where the
-    model's own initialisers take half a minute or more on a CPU. Kernels ~ N(0, 1/fan_in), norms
-    at identity, and the deformable convolutions' offset and modulator convs at zero, as the
-    original initialises them (so the sampling positions are the regular grid's)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from birefnet_jax.model import abstract_model, materialize_rng_state
-
-    model = abstract_model(cfg, dtype=dtype)
-    rng = np.random.default_rng(seed)
-    variables = [item for state in nnx.state(model, nnx.Param, nnx.BatchStat) for item in nnx.to_flat_state(state)]
-    for path, var in variables:
-        shape, kind = var.get_value().shape, var.get_value().dtype
-        name, where = str(path[-1]), "/".join(map(str, path))
-        if name in ("scale", "var"):
-            value = np.ones(shape, np.float32)
-        elif name == "kernel" and "offset_conv" not in where and "modulator_conv" not in where:
-            value = rng.standard_normal(shape, np.float32) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
-        elif name == "relative_position_bias_table":
-            value = rng.standard_normal(shape, np.float32) * 0.02
-        else:  # biases, running means, counters, offset and modulator convs
-            value = np.zeros(shape, np.float32)
-        var.set_value(jnp.asarray(value, kind))
-    return materialize_rng_state(model, seed)
-
-
 def run_ours(job: dict) -> dict:
     import jax
     import jax.numpy as jnp
@@ -123,6 +95,7 @@ def run_ours(job: dict) -> dict:
     from birefnet_jax.api import Predictor
     from birefnet_jax.config import get_preset
     from birefnet_jax.inference import predict
+    from birefnet_jax.model import random_model
 
     h, w = job["resolution"]
     batch, dtype = job["batch"], job["dtype"]

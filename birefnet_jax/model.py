@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from birefnet_jax.backbones import build_backbone
@@ -125,9 +126,37 @@ def materialize_rng_state(model: nnx.Module, seed: int = 0) -> nnx.Module:
     return model
 
 
+def random_model(cfg: BiRefNetConfig, dtype=None, seed: int = 0) -> BiRefNet:
+    """The model with random weights drawn by NumPy into the abstract model: for benchmarks
+    and smoke tests, in seconds where the modules' own initialisers need a long jitted
+    initialisation on a CPU. Kernels ~ N(0, 1/fan_in), norms at identity, Swin's position
+    biases ~ N(0, 0.02), and the deformable convolutions' offset and modulator convs at zero
+    as the original initialises them (so sampling starts on the regular grid)."""
+    model = abstract_model(cfg, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
+        shape, kind = var.get_value().shape, var.get_value().dtype
+        name, where = str(path[-1]), "/".join(map(str, path))
+        if name in ("scale", "var"):
+            value = np.ones(shape, np.float32)
+        elif name == "kernel" and "offset_conv" not in where and "modulator_conv" not in where:
+            value = rng.standard_normal(shape, np.float32) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+        elif name == "relative_position_bias_table":
+            value = rng.standard_normal(shape, np.float32) * 0.02
+        elif name == "num_batches_tracked" or not np.issubdtype(kind, np.floating):
+            value = np.zeros(shape, kind)
+        else:  # biases, running means, offset and modulator convs
+            value = np.zeros(shape, np.float32)
+        var.set_value(jnp.asarray(value, kind))
+    return materialize_rng_state(model, seed)
+
+
 def count_params(model: nnx.Module) -> int:
     """Learnable parameters (BatchNorm running statistics excluded)."""
     return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-__all__ = ["BiRefNet", "TrainOutputs", "abstract_model", "count_params", "image_to_patches", "materialize_rng_state"]
+__all__ = [
+    "BiRefNet", "TrainOutputs", "abstract_model", "count_params", "image_to_patches", "materialize_rng_state",
+    "random_model",
+]

@@ -74,3 +74,24 @@ def test_unknown_backbone_names_the_known_ones():
 
     with pytest.raises(ArchitectureError, match="swin_v1, pvt_v2"):
         detect({"foo.weight": np.zeros(1)})
+
+
+def test_random_model_fills_every_variable_without_initialisers():
+    """`random_model` (benchmarks) gives concrete weights in the stated distributions."""
+    import jax
+    from flax import nnx
+
+    from birefnet_jax.config import BACKBONES, BiRefNetConfig
+    from birefnet_jax.model import count_params, random_model
+
+    cfg = BiRefNetConfig(backbone=BACKBONES["pvt_v2_b0"], resolution=(256, 256))
+    model = random_model(cfg, seed=3)
+    flat = nnx.to_flat_state(nnx.state(model))
+    assert all(isinstance(v.get_value(), jax.Array) for _, v in flat)
+    assert count_params(model) == count_params(abstract_model(cfg))
+    kernels = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in flat if p[-1] == "kernel"}
+    deform = [k for k in kernels if "offset_conv" in k or "modulator_conv" in k]
+    assert deform and all(not kernels[k].any() for k in deform)
+    big = max((k for k in kernels if k not in deform), key=lambda k: kernels[k].size)
+    fan_in = int(np.prod(kernels[big].shape[:-1]))
+    assert abs(kernels[big].std() * np.sqrt(fan_in) - 1) < 0.05
