@@ -76,8 +76,8 @@ def test_bfloat16_keeps_float32_where_it_matters():
 
     deform = [m for _, m in nnx.iter_modules(model) if isinstance(m, DeformableConv2d)]
     # The matmuls run in bfloat16, but for the offset and modulator convolutions (sampling
-    # positions), which run in float32, and are matmuls where 1x1 ...
-    pointwise_positional = sum(2 for m in deform if m.regular_conv.kernel_size == (1, 1))
+    # positions, one convolution per layer), which run in float32, and are matmuls where 1x1 ...
+    pointwise_positional = sum(m.regular_conv.kernel_size == (1, 1) for m in deform)
     assert dtypes["operand of dot_general"] == {"bfloat16", "float32"}
     assert counts[("operand of dot_general", "float32")] == pointwise_positional > 0
     # ... and give bfloat16, but the deformable convolution's contraction accumulates in float32.

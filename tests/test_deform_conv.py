@@ -153,3 +153,26 @@ def test_values_and_gradients_match_previous_formulation():
         ref = jax.grad(loss(old), argnums=(0, 1, 2, 3))(*args)
         for name, g, r in zip(("input", "offset", "mask", "kernel"), got, ref, strict=True):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_layer_predicts_offsets_and_modulator_as_its_two_convolutions_would(k):
+    """The layer runs its offset and modulator convolutions as one; in float64 that is the two
+    convolutions to rounding."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from birefnet_jax.nn.deform_conv import DeformableConv2d
+
+    with jax.enable_x64(True):
+        layer = DeformableConv2d(4, 3, k, padding=k // 2, rngs=nnx.Rngs(0))
+        rng = np.random.default_rng(k)
+        for conv in (layer.offset_conv, layer.modulator_conv):
+            conv.kernel.set_value(jnp.asarray(rng.standard_normal(conv.kernel.shape), jnp.float64))
+            conv.bias.set_value(jnp.asarray(rng.standard_normal(conv.bias.shape), jnp.float64))
+        x = jnp.asarray(rng.standard_normal((2, 7, 6, 4)))
+        offset, modulator = layer.positions(x)
+        np.testing.assert_allclose(offset, layer.offset_conv(x), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(modulator, 2 / (1 + np.exp(-np.asarray(layer.modulator_conv(x)))),
+                                   rtol=1e-12, atol=1e-12)

@@ -143,10 +143,23 @@ class DeformableConv2d(nnx.Module):
         self.regular_conv = conv2d(in_ch, out_ch, kernel_size, bias=bias, dtype=dtype, **geo)
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def positions(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Offsets and modulator, in float32 at least. The two convolutions share input and
+        geometry, so they run as one with the kernels side by side (one pass over the input, one
+        wider matmul: on a CPU the 7x7 pair costs about 0.6x the two separately)."""
         x32 = x.astype(at_least_f32(x.dtype))
-        offset = self.offset_conv(x32)
-        modulator = 2.0 * jax.nn.sigmoid(self.modulator_conv(x32))
+        off, mod = self.offset_conv, self.modulator_conv
+        kernel = jnp.concatenate([off.kernel[...], mod.kernel[...]], axis=-1).astype(x32.dtype)
+        bias = jnp.concatenate([off.bias[...], mod.bias[...]]).astype(x32.dtype)
+        dims = jax.lax.conv_dimension_numbers(x32.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+        y = off.conv_general_dilated(x32, kernel, off.strides, off.padding, lhs_dilation=(1, 1),
+                                     rhs_dilation=off.kernel_dilation, dimension_numbers=dims,
+                                     feature_group_count=1, precision=off.precision) + bias
+        n = off.out_features
+        return y[..., :n], 2.0 * jax.nn.sigmoid(y[..., n:])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        offset, modulator = self.positions(x)
         compute = self.dtype or x.dtype
         reg = self.regular_conv
         bias = None if reg.bias is None else reg.bias[...].astype(compute)
