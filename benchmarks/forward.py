@@ -21,7 +21,7 @@ from birefnet_jax.config import BACKBONES, BiRefNetConfig
 from birefnet_jax.model import count_params, random_model
 
 
-def run(bb: str, size: int, batch: int, dtype: str, repeats: int) -> dict:
+def run(bb: str, size: int, batch: int, dtype: str, repeats: int, keep_output: bool = False) -> dict:
     cfg = BiRefNetConfig(backbone=BACKBONES[bb], resolution=(size, size))
     compute = None if dtype == "float32" else jnp.dtype(dtype)
     t = time.perf_counter()
@@ -38,12 +38,15 @@ def run(bb: str, size: int, batch: int, dtype: str, repeats: int) -> dict:
         t = time.perf_counter()
         jax.block_until_ready(predictor.run(x))
         times.append(time.perf_counter() - t)
-    return {
+    row = {
         "backbone": bb, "size": size, "batch": batch, "dtype": dtype, "device": str(jax.devices()[0]),
         "params": params, "build_s": round(build, 2), "compile_s": round(predictor.compile_seconds, 2),
         "compile_and_first_s": round(first, 2), "steady_s_per_batch": round(float(np.median(times)), 3),
         "finite": bool(np.isfinite(np.asarray(out)).all()), "out_shape": list(out.shape),
     }
+    if keep_output:
+        row["output"] = np.asarray(out)
+    return row
 
 
 def main():

@@ -23,7 +23,10 @@ from flax import nnx
 
 from birefnet_jax.nn.layers import at_least_f32, conv2d
 
-TILE_BYTES = 4 << 20  # sampled input per tile of positions: a few MiB stays in cache
+# Sampled input per tile of positions. On a CPU a few MiB stays in cache; an accelerator wants few,
+# large steps (each step of the loop is a kernel launch or more), within memory.
+CPU_TILE_BYTES = 4 << 20
+ACCELERATOR_TILE_BYTES = 256 << 20
 
 
 def deform_conv2d(
@@ -36,7 +39,7 @@ def deform_conv2d(
     stride: int = 1,
     padding: int = 0,
     dilation: int = 1,
-    tile_bytes: int = TILE_BYTES,
+    tile_bytes: int | None = None,
 ) -> jax.Array:
     """Deformable convolution on NHWC arrays.
 
@@ -47,7 +50,8 @@ def deform_conv2d(
       mask: (B, Ho, Wo, K) modulation, or None for plain DCNv1.
       kernel: (kh, kw, C, O), the Flax layout of the regular convolution's weight.
       bias: (O,) or None.
-      tile_bytes: about how much sampled input one tile of output positions holds.
+      tile_bytes: about how much sampled input one tile of output positions holds; by default
+        a few MiB on a CPU and 256 MiB on an accelerator (the backend JAX traces for).
 
     The input is computed with in its own dtype (bfloat16 under mixed precision); sampling
     positions, bilinear weights and the accumulation are at least float32.
@@ -62,6 +66,8 @@ def deform_conv2d(
 
     n = b * ho * wo
     per_position = k * c * jnp.dtype(acc).itemsize
+    if tile_bytes is None:
+        tile_bytes = CPU_TILE_BYTES if jax.default_backend() == "cpu" else ACCELERATOR_TILE_BYTES
     tile = int(max(8, min(n, tile_bytes // per_position)))
     n_tiles = -(-n // tile)
     pad = n_tiles * tile - n
