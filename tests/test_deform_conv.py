@@ -131,7 +131,7 @@ def test_gradient_matches_finite_differences(k):
 
     with jax.enable_x64(True):
         args = _grad_case(k, k=k)
-        # A tile smaller than the positions, so that gradients cross tile boundaries and padding.
+        # Tiles of a few rows, so that gradients cross tile boundaries.
         f = lambda *a: deform_conv2d(*a, padding=k // 2, tile_bytes=40 * k * k * 3 * 8)  # noqa: E731
         check_grads(f, args, order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from birefnet_jax.backbones.spec import BackboneSpec, count_indices, shape_of
 from birefnet_jax.nn.layers import at_least_f32, conv2d
+from birefnet_jax.nn.scan import apply_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +173,7 @@ class BasicLayer(nnx.Module):
         self.downsample = PatchMerging(dim, rngs=rngs, dtype=dtype) if downsample else None
 
     def __call__(self, x):
-        for blk in self.blocks:
-            x = blk(x)
+        x = apply_blocks(self.blocks, x, period=2)  # plain and shifted windows alternate
         return x, (x if self.downsample is None else self.downsample(x))
 
 

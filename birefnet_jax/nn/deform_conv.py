@@ -64,15 +64,16 @@ def deform_conv2d(
     table = _corner_table(x)
     idx, wgt = _sampling_plan(offset, mask, (b, h, w), (kh, kw), (ho, wo), stride, padding, dilation)
 
-    n = b * ho * wo
     per_position = k * c * jnp.dtype(acc).itemsize
     if tile_bytes is None:
         tile_bytes = CPU_TILE_BYTES if jax.default_backend() == "cpu" else ACCELERATOR_TILE_BYTES
-    tile = int(max(8, min(n, tile_bytes // per_position)))
-    n_tiles = -(-n // tile)
-    pad = n_tiles * tile - n
-    idx = jnp.pad(idx.reshape(n, k), ((0, pad), (0, 0))).reshape(n_tiles, tile, k)
-    wgt = jnp.pad(wgt.reshape(n, k, 4), ((0, pad), (0, 0), (0, 0))).reshape(n_tiles, tile, k, 4)
+    # Tiles are whole output rows of one image, so that they divide every batch evenly (no
+    # padding, and a batch size that is symbolic in an exported program works too).
+    rows = max([r for r in range(1, ho + 1) if ho % r == 0 and r * wo * per_position <= tile_bytes], default=1)
+    tile = rows * wo
+    n_tiles = b * (ho // rows)
+    idx = idx.reshape(n_tiles, tile, k)
+    wgt = wgt.reshape(n_tiles, tile, k, 4)
     weight = kernel.reshape(k * c, o).astype(x.dtype)
 
     @jax.checkpoint
@@ -83,8 +84,7 @@ def deform_conv2d(
         sampled = sampled.reshape(tile, k * c).astype(x.dtype)
         return jnp.dot(sampled, weight, preferred_element_type=acc)
 
-    out = jax.lax.map(tile_out, (idx, wgt)).reshape(n_tiles * tile, o)[:n]
-    out = out.reshape(b, ho, wo, o)
+    out = jax.lax.map(tile_out, (idx, wgt)).reshape(b, ho, wo, o)
     if bias is not None:
         out = out + bias.astype(acc)
     return out.astype(x.dtype)
@@ -128,7 +128,7 @@ def _sampling_plan(offset, mask, in_shape, kernel_size, out_size, stride, paddin
     wgt = jnp.stack([(1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx], axis=-1) * scale[..., None]
     row = jnp.clip(y0.astype(jnp.int32), -1, h - 1) + 1
     col = jnp.clip(x0.astype(jnp.int32), -1, w - 1) + 1
-    image = jnp.arange(b, dtype=jnp.int32)[:, None, None, None] * ((h + 1) * (w + 1))
+    image = jax.lax.broadcasted_iota(jnp.int32, (b, 1, 1, 1), 0) * ((h + 1) * (w + 1))
     return image + row * (w + 1) + col, wgt
 
 
