@@ -44,6 +44,83 @@ PRESETS = {
 }
 
 
+# On CPU, attention logits per step, in elements (4 MiB in float32): with 65536 queries x 1024 keys
+# at stride 4 of a 1024 input, the whole matrix is 256 MiB, and each pass over it costs more than
+# the matmuls; a block of queries at a time stays in cache. (On GPU/TPU: one step.)
+_ATTN_BLOCK = 1 << 20
+
+
+def _attend(q, k, v):
+    """softmax(q k^T) v for (b, q, heads, d) queries, normalized after the second matmul: the
+    (q, k) matrix is written once and only the (q, d) result is divided.
+
+    Logits, weights and the second matmul in float32 at least: with bfloat16 inputs, the original's
+    `softmax(...).astype(bfloat16) @ v` measured as accurate as that on XLA CPU (its casts fuse
+    away), while rounding the unnormalized weights to bfloat16 gave about 1.4x its error.
+    """
+    acc = at_least_f32(q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc)
+    p = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bkhd->bhqd", p, v.astype(acc)) / jnp.sum(p, axis=-1, keepdims=True)
+    return out.astype(v.dtype).transpose(0, 2, 1, 3)
+
+
+def _attention_blocked(q, k, v):
+    """`_attend` over blocks of queries (`jax.lax.map`) when the logits would not fit in cache."""
+    b, n, h, d = q.shape
+    steps = -(-n * k.shape[1] * h // _ATTN_BLOCK)
+    if steps <= 1:
+        return _attend(q, k, v)
+    rows = -(-n // steps)
+    q = jnp.pad(q, ((0, 0), (0, steps * rows - n), (0, 0), (0, 0)))
+    q = q.reshape(b, steps, rows, h, d).swapaxes(0, 1)
+    out = jax.lax.map(lambda qb: _attend(qb, k, v), q)
+    return out.swapaxes(0, 1).reshape(b, steps * rows, h, d)[:, :n]
+
+
+def _linear_unrounded(linear, x):
+    """`linear(x)` (an nnx.Linear) with its matmul's float32 (float64 when computing in it)
+    result and bias added in that precision, before the cast to the compute dtype."""
+    x, kernel, bias = linear.promote_dtype((x, linear.kernel[...], linear.bias[...]), dtype=linear.dtype)
+    acc = at_least_f32(x.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=linear.precision,
+                            preferred_element_type=acc)
+    return y + bias.astype(acc)
+
+
+def _window(x, top, height, left, width):
+    """`x[:, top:top + height, left:left + width]` of an NHWC map, zeros where that runs past its
+    edges."""
+    h, w = x.shape[1:3]
+    r0, r1 = min(max(top, 0), h), max(min(top + height, h), 0)
+    c0, c1 = min(max(left, 0), w), max(min(left + width, w), 0)
+    r1, c1 = max(r0, r1), max(c0, c1)
+    pad = ((0, 0), (r0 - top, top + height - r1), (c0 - left, left + width - c1), (0, 0))
+    x = x[:, r0:r1, c0:c1]
+    return jnp.pad(x, pad) if any(pad[1] + pad[2]) else x
+
+
+def _depthwise3x3(x, kernel, bias, pad_top=1, pad_bottom=1):
+    """Depthwise 3x3 convolution of NHWC `x` with an HWIO (3, 3, 1, C) kernel, zero padding 1 on
+    the left and right and `pad_top` / `pad_bottom` (0 or 1) rows above / below.
+
+    Written as nine shifted copies times per-channel taps: one elementwise loop for XLA, where a
+    convolution with `feature_group_count=C` runs 5-30x slower on CPU. Summed, and returned, in
+    float32 at least. (One slice and pad per tap, centre tap first: other arrangements measured up
+    to 3x slower in XLA's CPU loop.)
+    """
+    _, h, w, _ = x.shape
+    height = h + pad_top + pad_bottom - 2
+    acc = at_least_f32(x.dtype)
+    x, kernel = x.astype(acc), kernel.astype(acc)
+    out = _window(x, 1 - pad_top, height, 0, w) * kernel[1, 1, 0] + bias.astype(acc)
+    for i in range(3):
+        for j in range(3):
+            if (i, j) != (1, 1):
+                out = out + _window(x, i - pad_top, height, j - 1, w) * kernel[i, j, 0]
+    return out
+
+
 class OverlapPatchEmbed(nnx.Module):
     def __init__(self, in_ch, dim, patch, stride, *, rngs, dtype):
         self.proj = conv2d(in_ch, dim, patch, stride=stride, padding=patch // 2, rngs=rngs, dtype=dtype)
@@ -76,9 +153,7 @@ class Attention(nnx.Module):
         src = x if self.sr is None else self.norm(self.sr(x))
         kv = self.kv(src).reshape(b, -1, 2, nh, c // nh)
         k, v = kv[:, :, 0], kv[:, :, 1]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (c // nh) ** -0.5, k)
-        attn = jax.nn.softmax(logits.astype(at_least_f32(logits.dtype)), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+        out = jax.lax.platform_dependent(q * (c // nh) ** -0.5, k, v, cpu=_attention_blocked, default=_attend)
         return self.proj(out.reshape(b, h, w, c))
 
 
@@ -89,19 +164,73 @@ class DWConv(nnx.Module):
         self.dwconv = conv2d(dim, dim, 3, padding=1, groups=dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
-        return self.dwconv(x)
+        conv = self.dwconv
+        x, _ = conv.promote_dtype((x, conv.kernel[...]), dtype=conv.dtype)
+        return self.unrounded(x).astype(x.dtype)
+
+    def unrounded(self, x, pad_top=1, pad_bottom=1):
+        """The convolution in float32 at least (float64 when computing in it), before the cast to
+        the compute dtype; `x` already in that precision is taken as it is. `pad_top` /
+        `pad_bottom` 0 read a band of rows whose neighbours are in `x` (its first / last row)
+        instead of zero padding."""
+        conv = self.dwconv
+        kernel, bias = conv.kernel[...], conv.bias[...]
+        dtype = conv.dtype or jnp.result_type(x, kernel)
+        if x.dtype != at_least_f32(dtype):
+            x = x.astype(dtype)
+        return _depthwise3x3(x, kernel.astype(dtype), bias.astype(dtype), pad_top, pad_bottom)
+
+
+# On CPU, hidden activations per band of rows of the feed-forward, in elements (4 MiB in float32),
+# and the least rows in a band (each band recomputes fc1 on one row above and below it).
+_MLP_BLOCK = 1 << 20
+_MLP_MIN_ROWS = 8
 
 
 class Mlp(nnx.Module):
-    """fc -> depthwise 3x3 conv -> GELU -> fc."""
+    """fc -> depthwise 3x3 conv -> GELU -> fc.
+
+    The hidden map is `mlp_ratio` (4-8) times wider than the input: a whole 256x256x512 map of a
+    1024 input is 128 MiB, written and read back by each step. On CPU it is computed band of rows
+    by band of rows (`jax.lax.map`) instead, so that each band's hidden map stays in cache.
+    """
 
     def __init__(self, dim, hidden, *, rngs, dtype):
         self.fc1 = nnx.Linear(dim, hidden, rngs=rngs, dtype=dtype)
         self.dwconv = DWConv(hidden, rngs=rngs, dtype=dtype)
         self.fc2 = nnx.Linear(hidden, dim, rngs=rngs, dtype=dtype)
 
+    def _band(self, x, pad_top, pad_bottom):
+        # The hidden map stays in float32 (at least) from fc1's accumulator to fc2's input cast: in
+        # bfloat16 that is one rounding instead of three, and XLA's CPU matmuls run faster with
+        # float32 results. fc2's result is rounded to the compute dtype, as nnx.Linear's.
+        hidden = _linear_unrounded(self.fc1, x)
+        hidden = jax.nn.gelu(self.dwconv.unrounded(hidden, pad_top, pad_bottom), approximate=False)
+        out = _linear_unrounded(self.fc2, hidden)
+        return out.astype(self.fc2.dtype or jnp.result_type(x, self.fc2.kernel[...]))
+
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.dwconv(self.fc1(x)), approximate=False))
+        return jax.lax.platform_dependent(x, cpu=self._banded, default=self._whole)
+
+    def _whole(self, x):
+        return self._band(x, 1, 1)
+
+    def _banded(self, x):
+        b, h, w, _ = x.shape
+        images = b if isinstance(b, int) else 1  # a symbolic batch (jax.export): per image
+        rows = max(_MLP_MIN_ROWS, _MLP_BLOCK // (images * w * self.fc1.out_features))
+        if rows >= h:
+            return self._band(x, 1, 1)
+        steps = -(-h // rows)  # the first band, steps - 2 full ones in a loop, the last (1 to `rows`)
+        first = self._band(x[:, :rows + 1], 1, 0)
+        last = self._band(x[:, (steps - 1) * rows - 1:], 0, 1)
+        if steps == 2:
+            return jnp.concatenate([first, last], axis=1)
+        mid = jax.lax.map(
+            lambda i: self._band(jax.lax.dynamic_slice_in_dim(x, i * rows - 1, rows + 2, axis=1), 0, 0),
+            jnp.arange(1, steps - 1))
+        mid = mid.swapaxes(0, 1).reshape(b, (steps - 2) * rows, w, -1)
+        return jnp.concatenate([first, mid, last], axis=1)
 
 
 class Block(nnx.Module):
