@@ -15,6 +15,7 @@ from flax import nnx
 
 from birefnet_jax.backbones.spec import ArchitectureError, BackboneSpec, count_indices, shape_of
 from birefnet_jax.nn.layers import at_least_f32, conv2d
+from birefnet_jax.nn.scan import apply_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +271,7 @@ class PyramidVisionTransformerV2(nnx.Module):
         outs = []
         for i in range(1, 5):
             x = getattr(self, f"patch_embed{i}")(x)
-            for blk in getattr(self, f"block{i}"):
-                x = blk(x)
+            x = apply_blocks(getattr(self, f"block{i}"), x)
             x = getattr(self, f"norm{i}")(x)
             outs.append(x)
         return tuple(outs)
