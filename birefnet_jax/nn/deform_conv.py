@@ -53,7 +53,7 @@ def deform_conv2d(
       tile_bytes: about how much sampled input one tile of output positions holds; by default
         a few MiB on a CPU and 256 MiB on an accelerator (the backend JAX traces for).
 
-    The input is computed with in its own dtype (bfloat16 under mixed precision); sampling
+    The input is sampled and contracted in its own dtype (bfloat16 under mixed precision); sampling
     positions, bilinear weights and the accumulation are at least float32.
     """
     b, h, w, c = x.shape

@@ -3,11 +3,13 @@
 A Swin-L stage of 18 blocks, unrolled, is 18 copies of the same program for XLA to optimise and
 generate code for; scanned over the blocks' stacked weights it is one. The weights stay where
 they are (one module per block, as the checkpoints name them): they are stacked inside the
-traced function, a copy that costs a fraction of a percent of the forward.
+traced function: a copy of the stage's weights per forward (about 0.7 GB for Swin-L's third
+stage in float32, some 0.1 s on this CPU against a 17 s forward; estimated, not timed).
 
 Only when nothing random happens (every dropout deterministic, no BatchNorm in training mode):
 blocks that differ only in their drop-path rate run with the first group's module definition,
-which is the same computation when those rates are not applied.
+which is the same computation when those rates are not applied. The caller vouches that the
+groups differ in nothing else static (Swin: shift alternates within a pair; PVT: one stage).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def apply_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *, period: int = 1)
     if n < MIN_GROUPS or not _deterministic(blocks):
         n = 0
     else:
-        graphdef, weights, rest = nnx.split(groups[0], (nnx.Param, nnx.BatchStat), ...)
+        graphdef, _, rest = nnx.split(groups[0], (nnx.Param, nnx.BatchStat), ...)
         states = [nnx.state(g, (nnx.Param, nnx.BatchStat)) for g in groups]
         shapes = [jax.tree.map(lambda v: (v.shape, v.dtype), s) for s in states]
         if any(s != shapes[0] for s in shapes[1:]):
