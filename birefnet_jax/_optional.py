@@ -16,6 +16,9 @@ _PACKAGES = {
     "tensorflow": ("tensorflow-cpu", "train"),
     "optax": ("optax", "train"),
     "clu": ("clu", "train"),
+    "grain": ("grain", "train"),
+    "tensorflow_datasets": ("tensorflow-datasets", "train"),
+    "array_record": ("array-record", "train"),
 }
 
 

@@ -90,6 +90,23 @@ def main(original: str, case: str):
     np.savez_compressed(HERE / "reference" / f"model_{case}_float64.npz", **out)
 
 
+def original_objective(preds, gdt, gt):
+    """The original trainer's loss for this step: PixLoss with the DIS5K weights on the four
+    outputs plus the BCE of the sigmoid gradient predictions against the sigmoid labels."""
+    import torch.nn.functional as F
+    from loss import PixLoss
+
+    pix = PixLoss()
+    loss_pix, parts = pix(preds, torch.clamp(gt, 0, 1), pix_loss_lambda=1.0)
+    loss_gdt = 0.0
+    for pred, label in zip(*gdt, strict=True):
+        pred = F.interpolate(pred, size=label.shape[2:], mode="bilinear", align_corners=True).sigmoid()
+        loss_gdt = loss_gdt + torch.nn.BCELoss()(pred, label.sigmoid())
+    parts = {f"loss_dict/{k}": v for k, v in parts.items()}
+    parts |= {"loss_pix": loss_pix.item(), "loss_gdt": loss_gdt.item()}
+    return loss_pix + loss_gdt, parts
+
+
 def main_train(original: str):
     torch.manual_seed(0)
     net = build_original(original, "swin_w7")
@@ -115,7 +132,21 @@ def main_train(original: str):
     data = np.load(HERE / "reference" / "train_swin_w7.npz")
     (gdt, preds), _ = net(torch.from_numpy(data["input"]).double())
     assert np.array_equal(np.stack(masks), np.load(HERE / "reference" / "train_swin_w7_droppath.npy"))
+    loss, parts = original_objective(preds, gdt, torch.from_numpy(data["gt"]).double())
+    loss.backward()
+    meta = json.loads((HERE / "reference" / "train_swin_w7.json").read_text())
+    print("loss float64 vs shared float32:", float(loss), meta["loss"], {k: (v, meta.get(k)) for k, v in parts.items()})
     out = {f"pred{i}": p.detach().numpy() for i, p in enumerate(preds)}
+    out |= {f"loss/{k}": np.float64(v) for k, v in parts.items()}
+    out["loss/loss"] = np.float64(loss.item())
+    grads = {k: p.grad for k, p in net.named_parameters() if p.grad is not None}
+    out["grad_global_norm"] = np.float64(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())).item())
+    print("grad norm float64 vs shared float32:", out["grad_global_norm"], meta["grad_global_norm"])
+    # Every parameter's gradient norm (small) and the full gradients of the parameters the
+    # shared reference stores.
+    out |= {f"grad_norm/{k}": np.float64(g.norm().item()) for k, g in grads.items()}
+    out |= {f"grad/{k.split('/', 1)[1]}": grads[k.split("/", 1)[1]].numpy() for k in data.files
+            if k.startswith("grad/")}
     for i in range(3):
         out[f"gdt_pred{i}"] = gdt[0][i].detach().numpy()
         out[f"gdt_label{i}"] = gdt[1][i].detach().numpy()
@@ -123,7 +154,7 @@ def main_train(original: str):
     for key in data.files:
         if key.startswith("after_step/"):
             out[key] = state[key.split("/", 1)[1]].numpy()
-    print({k: rel(data[k], v) for k, v in out.items()})
+    print({k: rel(data[k], v) for k, v in out.items() if k in data.files})
     np.savez_compressed(HERE / "reference" / "train_swin_w7_float64.npz", **out)
 
 
