@@ -151,6 +151,23 @@ def random_model(cfg: BiRefNetConfig, dtype=None, seed: int = 0) -> BiRefNet:
     return materialize_rng_state(model, seed)
 
 
+def state_path_name(path, sep: str = ".") -> str:
+    """A pytree path of model state as a name ('bb.layers.0.blocks.1.attn.qkv.kernel'), without the
+    `.value` step of each Variable."""
+    parts = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.DictKey):
+            parts.append(str(entry.key))
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            parts.append(str(entry.idx))
+        elif isinstance(entry, jax.tree_util.GetAttrKey):
+            if entry.name != "value":
+                parts.append(entry.name)
+        else:
+            parts.append(str(entry))
+    return sep.join(parts)
+
+
 def count_params(model: nnx.Module) -> int:
     """Learnable parameters (BatchNorm running statistics excluded)."""
     return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -158,5 +175,5 @@ def count_params(model: nnx.Module) -> int:
 
 __all__ = [
     "BiRefNet", "TrainOutputs", "abstract_model", "count_params", "image_to_patches", "materialize_rng_state",
-    "random_model",
+    "random_model", "state_path_name",
 ]

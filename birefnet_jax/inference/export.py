@@ -70,22 +70,6 @@ def _check_options(batch, resolution, weights, layout) -> tuple[int, int]:
     return h, w
 
 
-def _path_name(path) -> str:
-    """A state path as a dotted name; drops the `.value` step of each Variable."""
-    parts = []
-    for entry in path:
-        if isinstance(entry, jax.tree_util.DictKey):
-            parts.append(str(entry.key))
-        elif isinstance(entry, jax.tree_util.SequenceKey):
-            parts.append(str(entry.idx))
-        elif isinstance(entry, jax.tree_util.GetAttrKey):
-            if entry.name != "value":
-                parts.append(entry.name)
-        else:
-            parts.append(str(entry))
-    return ".".join(parts)
-
-
 def _with_dtype(model: BiRefNet, dtype):
     """The model itself, or a copy rebuilt with compute dtype `dtype` sharing its arrays (parameters
     stay float32, as `birefnet_jax.api.load(dtype=...)` builds them)."""
@@ -105,9 +89,11 @@ def _forward_fn(model: BiRefNet, *, dtype, uint8_input: bool, layout: str):
     taking its parameters as a flat list, so the caller's model is never switched or changed."""
     from flax import nnx
 
+    from birefnet_jax.model import state_path_name
+
     graphdef, weights, rest = nnx.split(_with_dtype(model, dtype), (nnx.Param, nnx.BatchStat), ...)
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(weights)
-    names = [_path_name(p) for p, _ in with_paths]
+    names = [state_path_name(p) for p, _ in with_paths]
     leaves = [leaf for _, leaf in with_paths]
 
     from birefnet_jax.api import _forward

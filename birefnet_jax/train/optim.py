@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import jax
 import optax
 
+from birefnet_jax.model import state_path_name
+
 # Base learning rate of the original per task, for a batch of 4 (scaled by sqrt(batch / 4)).
 BASE_LR = {"DIS5K": 1e-4}
 BASE_LR_OTHER = 1e-5
@@ -111,20 +113,9 @@ def learning_rate_schedule(cfg: OptimConfig, *, global_batch_size: int, epochs: 
     return lambda count: jax.numpy.where(count < warmup, ramp(count), main(count))
 
 
-def _path_name(path) -> str:
-    """'bb/layers/0/blocks/1/attn/qkv/kernel': dict and sequence keys; a Variable's `.value` left out."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-    return "/".join(parts)
-
-
 def _label_tree(tree, patterns, used=None):
     def label(path, _):
-        hits = [p.pattern for p in patterns if p.match(_path_name(path))]
+        hits = [p.pattern for p in patterns if p.match(state_path_name(path, "/"))]
         if used is not None:
             used.update(hits)
         return "frozen" if hits else "trainable"
@@ -141,7 +132,7 @@ def parameter_labels(params, frozen: Sequence[str]):
     labels = _label_tree(params, patterns, used)
     unused = [p.pattern for p in patterns if p.pattern not in used]
     if unused:
-        examples = [_path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)[:3]]
+        examples = [state_path_name(path, "/") for path, _ in jax.tree_util.tree_leaves_with_path(params)[:3]]
         raise ValueError(f"frozen patterns {unused} match no parameter; paths look like {examples}")
     return labels
 
