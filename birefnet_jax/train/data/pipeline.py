@@ -52,9 +52,12 @@ does not promise it across versions, so give every host of a run the same NumPy.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import operator
 import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -303,6 +306,15 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for it in list(_OPEN_ITERATORS):
+        it.close()
+
+
 class TrainIterator:
     """Batches from step `step` on; `step` is the step of the next batch. Close it (or use it as a
     context manager) to stop the threads or worker processes before it is garbage-collected."""
@@ -310,19 +322,27 @@ class TrainIterator:
     def __init__(self, iterator, start_step: int):
         self._iterator = iterator
         self.step = start_step
+        _OPEN_ITERATORS.add(self)
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            raise StopIteration
         batch = next(self._iterator)
         self.step += 1
         return batch
 
     def close(self) -> None:
-        close = getattr(self._iterator, "close", None)
+        iterator, self._iterator = self._iterator, None
+        close = getattr(iterator, "close", None)
         if close is not None:
             close()
+        # Grain's iterators close their parents again when collected; collect them now, while the
+        # interpreter is whole (at exit that second close fails with a traceback).
+        del iterator
+        gc.collect()
 
     def __enter__(self) -> TrainIterator:
         return self
