@@ -43,6 +43,10 @@ class TrainOutputs:
     cls_logits: jax.Array | None
 
 
+def _call(module, x):
+    return module(x)
+
+
 class BiRefNet(nnx.Module):
     """The full model. Input: (B, H, W, 3) images normalised with the ImageNet mean and std,
     H and W multiples of 32."""
@@ -51,6 +55,7 @@ class BiRefNet(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.deterministic = True
+        self.remat = False  # see set_remat
         self.bb = build_backbone(cfg.backbone, rngs=rngs, dtype=dtype)
         ch = cfg.lateral_channels
         if cfg.num_classes:
@@ -66,10 +71,11 @@ class BiRefNet(nnx.Module):
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, ...]:
         """Backbone features at strides 4..32 after multi-scale fusion and context fusion."""
-        feats = self.bb(x)
+        backbone = nnx.remat(_call) if self.remat else _call
+        feats = backbone(self.bb, x)
         if self.cfg.mul_scl_ipt:
             half = resize_bilinear(x, (x.shape[1] // 2, x.shape[2] // 2))
-            feats_half = self.bb(half)
+            feats_half = backbone(self.bb, half)
             ups = [resize_bilinear(fh, f.shape[1:3]) for f, fh in zip(feats, feats_half, strict=True)]
             if self.cfg.mul_scl_ipt == "cat":
                 feats = tuple(jnp.concatenate([f, u], axis=-1) for f, u in zip(feats, ups, strict=True))
@@ -106,6 +112,15 @@ class BiRefNet(nnx.Module):
         if not training:
             return preds[-1].astype(at_least_f32(preds[-1].dtype))
         return TrainOutputs(preds, gdt_preds, gdt_labels, cls_logits)
+
+
+def set_remat(model: BiRefNet, enabled: bool = True) -> BiRefNet:
+    """Rematerialisation for training at high resolution: the backbone pass(es) and every decoder
+    block keep only their inputs for the backward pass and recompute the rest (about a third more
+    compute for the memory of their activations). Same results, same parameters."""
+    model.remat = enabled
+    model.decoder.remat = enabled
+    return model
 
 
 def abstract_model(cfg: BiRefNetConfig, dtype=None) -> BiRefNet:
@@ -175,5 +190,5 @@ def count_params(model: nnx.Module) -> int:
 
 __all__ = [
     "BiRefNet", "TrainOutputs", "abstract_model", "count_params", "image_to_patches", "materialize_rng_state",
-    "random_model", "state_path_name",
+    "random_model", "set_remat", "state_path_name",
 ]

@@ -34,6 +34,10 @@ class GradientBranch(nnx.Module):
         return jax.nn.relu(apply_opt(self.bn, self.conv(x)))
 
 
+def _call(module, x):
+    return module(x)
+
+
 class Decoder(nnx.Module):
     """Reconstruction module: decoder blocks from deep to shallow, each fed the image patches
     of its resolution (source reference) and, with `out_ref`, gated by gradient attention
@@ -45,6 +49,7 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.deterministic = True
         self.capture_intermediates = False  # sow decoder block outputs (for parity checks)
+        self.remat = False  # recompute each decoder block in the backward pass (see model.set_remat)
         ch = list(cfg.lateral_channels)
         out_ch = ch[1:] + [ch[-1] // 2]
         ipt_out = [c // 8 for c in ch]
@@ -81,7 +86,8 @@ class Decoder(nnx.Module):
         return jnp.concatenate([feat, getattr(self, f"ipt_blk{level}")(ref)], axis=-1)
 
     def _block(self, level, p):
-        p = getattr(self, f"decoder_block{level}")(p)
+        block = getattr(self, f"decoder_block{level}")
+        p = nnx.remat(_call)(block, p) if self.remat else block(p)
         if self.capture_intermediates:
             self.sow(nnx.Intermediate, f"decoder_block{level}_out", p)
         return p

@@ -1,0 +1,8 @@
+"""The original's COD recipe (task weights, epochs, learning rate rule, Swin-L at its resolution)."""
+
+from configs.common import base_config
+
+
+def get_config():
+    c = base_config("COD")
+    return c

@@ -1,0 +1,37 @@
+"""Train BiRefNet: `python train.py --config configs/dis5k.py --workdir runs/dis5k`.
+
+Any config field can be overridden: `--config.batch_size=16 --config.optim.lr=2e-4`. Runs on every
+local device; on several hosts pass `--distributed` (jax.distributed.initialize reads the cluster
+from the environment on TPU pods and SLURM, or from the --coordinator flags). Run it again with the
+same workdir to resume from the newest checkpoint.
+"""
+
+import logging
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from birefnet_jax.train.trainer import train_and_evaluate
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and predictions.")
+flags.DEFINE_bool("distributed", False, "Initialise jax.distributed (multi-host).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host without auto-detection).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host without auto-detection).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    logging.info("finished: %s", result)
+
+
+if __name__ == "__main__":
+    app.run(main)
