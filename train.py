@@ -10,6 +10,7 @@ import logging
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from birefnet_jax.train.trainer import train_and_evaluate
@@ -24,9 +25,17 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-host witho
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietOrbax(logging.Filter):
+    """Orbax reports every file it writes at INFO; keep its warnings and errors only."""
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
+    absl_logging.get_absl_handler().addFilter(_QuietOrbax())
     if FLAGS.distributed or FLAGS.coordinator_address:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)

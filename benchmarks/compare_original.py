@@ -61,6 +61,7 @@ our model alone (random weights, no original needed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -252,33 +253,54 @@ def randomise_original(model, seed: int) -> tuple[int, int]:
     return deformable, batch_norms
 
 
-def original_worker(spec: dict) -> None:
+def enter_original(spec: dict):
+    """The original's worker's first step: pin this process to the spec's CPUs (before torch starts
+    its threads), set torch's thread count and work in the copy of the original. Returns torch."""
     pin_cpus(spec["cpus"])
     import torch
 
     torch.set_num_threads(len(spec["cpus"]))
     sys.path.insert(0, spec["root"])
     os.chdir(spec["root"])
+    return torch
+
+
+def build_original(spec: dict):
+    """The original's model with random weights (see the module docstring), its state dict written
+    to spec["weights"] for our worker. Returns (model, device, info), the model still on the CPU."""
+    import torch
+    import torchvision
+    from config import Config
+    from models.birefnet import BiRefNet
+
+    config = Config()
+    if config.bb != spec["backbone"]:
+        raise RuntimeError(f"the copy's config.py selects {config.bb!r}, not {spec['backbone']!r}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    torch.manual_seed(spec["seed"])
+    model = BiRefNet(bb_pretrained=False)
+    deformable, batch_norms = randomise_original(model, spec["seed"] + 1)
+    build = time.perf_counter() - start
+    write_safetensors_streaming(model.state_dict(), Path(spec["weights"]))
+    if device == "cuda" and getattr(config, "precisionHigh", False):
+        torch.set_float32_matmul_precision("high")  # as the original's inference.py and train.py
+    return model, device, {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "build_s": round(build, 2),
+        "deformable_convs_randomised": deformable, "batch_norms_randomised": batch_norms,
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
+        "weights": spec["weights"],
+    }
+
+
+def original_worker(spec: dict) -> None:
+    torch = enter_original(spec)
     timer = Timer()
     state = {}
 
     def setup() -> dict:
-        from config import Config
-        from models.birefnet import BiRefNet
-
-        config = Config()
-        if config.bb != spec["backbone"]:
-            raise RuntimeError(f"the copy's config.py selects {config.bb!r}, not {spec['backbone']!r}")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        start = time.perf_counter()
-        torch.manual_seed(spec["seed"])
-        model = BiRefNet(bb_pretrained=False)
-        deformable, batch_norms = randomise_original(model, spec["seed"] + 1)
+        model, device, info = build_original(spec)
         model.eval()
-        build = time.perf_counter() - start
-        write_safetensors_streaming(model.state_dict(), Path(spec["weights"]))
-        if device == "cuda" and getattr(config, "precisionHigh", False):
-            torch.set_float32_matmul_precision("high")  # as the original's inference.py
         model.to(device)
         x = np.load(spec["input"], mmap_mode="r")[: spec["batch"]]
         state.update(model=model, device=device,
@@ -286,14 +308,7 @@ def original_worker(spec: dict) -> None:
         autocast = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec["dtype"]]
         state["autocast"] = autocast
         timer.setup_peak_mb = peak_rss_mb()
-        import torchvision
-
-        return {
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "build_s": round(build, 2),
-            "deformable_convs_randomised": deformable, "batch_norms_randomised": batch_norms,
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
-            "weights": spec["weights"],
-        }
+        return info
 
     def run(autocast):
         with torch.inference_mode(), torch.autocast(state["device"], dtype=autocast or torch.float32,
@@ -328,6 +343,12 @@ def original_worker(spec: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Our worker (runs under this Python).
+
+
+def jax_device_peak(device) -> dict:
+    """{'device_peak_mb': JAX's peak bytes in use} on an accelerator; {} on a CPU or where unknown."""
+    memory = (device.memory_stats() or {}) if device.platform != "cpu" else {}
+    return {"device_peak_mb": round(memory["peak_bytes_in_use"] / 2**20, 1)} if "peak_bytes_in_use" in memory else {}
 
 
 def ours_worker(spec: dict) -> None:
@@ -382,11 +403,7 @@ def ours_worker(spec: dict) -> None:
     def stats() -> dict:
         out = timer.rss()
         out["compile_s"] = round(state["predictor"].compile_seconds, 2)
-        device = state["device"]
-        if device.platform != "cpu":
-            memory = device.memory_stats() or {}
-            if "peak_bytes_in_use" in memory:
-                out["device_peak_mb"] = round(memory["peak_bytes_in_use"] / 2**20, 1)
+        out.update(jax_device_peak(state["device"]))
         return out
 
     serve({"setup": setup, "time": timer.time, "save": timer.save, "stats": stats})
@@ -455,6 +472,24 @@ class Worker:
         self.log.close()
 
 
+def alternate(workers: dict, calls: int, cmd: str, **kwargs) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """`calls` requests `cmd` to each worker (None: absent) in turn, a, b, a, b, ..., so that drifting
+    load on a shared machine hits both alike. A worker whose request fails (no kernel for a dtype,
+    out of memory) drops out and the other goes on alone. Returns each worker's answers and the
+    reasons of those that failed ('cannot run: ...')."""
+    answers: dict[str, list[dict]] = {name: [] for name, worker in workers.items() if worker is not None}
+    failed: dict[str, str] = {}
+    for _ in range(calls):
+        for name in answers:
+            if name in failed:
+                continue
+            try:
+                answers[name].append(workers[name].ask(cmd, **kwargs))
+            except WorkerError as e:
+                failed[name] = str(e) if str(e).startswith("cannot run") else f"cannot run: {e}"
+    return answers, failed
+
+
 def make_input(path: Path, batch: int, size: int, seed: int) -> None:
     """A seeded batch of normalised NHWC images: blocky colour fields plus noise, in [0, 1] before
     the ImageNet normalisation."""
@@ -512,6 +547,28 @@ def agreement(ours: Worker, original: Worker, tmp: Path, tag: str, key: tuple, d
     return row
 
 
+@contextlib.contextmanager
+def row_workers(row: dict):
+    """The block of a row that talks to workers: those it puts in the yielded dict ('original',
+    'ours') are closed when it ends; a WorkerError ends it early as row["error"]. A block that
+    completes adds both sides' versions to the row; the load average is added in any case."""
+    workers: dict[str, Worker] = {}
+    try:
+        yield workers
+        original, ours = workers.get("original"), workers["ours"]
+        versions = {"jax": ours.info["jax"], "flax": ours.info["flax"]}
+        if original is not None:
+            versions.update(torch=original.info["torch"], torchvision=original.info["torchvision"])
+            row["original_threads"] = original.info["threads"]
+        row["versions"] = versions
+    except WorkerError as e:
+        row["error"] = str(e)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    row["load_average"] = load_average()
+
+
 def run_configuration(args, backbone: str, batch: int, dtype: str, copy: Path | None, cpus: list[int],
                       tmp: Path, references: dict) -> dict:
     tag = f"{backbone}-b{batch}-{dtype}"
@@ -525,15 +582,16 @@ def run_configuration(args, backbone: str, batch: int, dtype: str, copy: Path | 
     spec = {"backbone": backbone, "batch": batch, "resolution": args.resolution, "input": str(input_path),
             "cpus": cpus, "seed": args.seed}
     original = ours = None
-    try:
+    with row_workers(row) as started:
         if copy is not None:
             weights = tmp / f"{tag}.safetensors"
-            original = Worker("original", [args.original_python, here, "--worker", "original", json.dumps(
-                {**spec, "dtype": dtype, "root": str(copy), "weights": str(weights)})], env,
+            original = started["original"] = Worker("original", [
+                args.original_python, here, "--worker", "original", json.dumps(
+                    {**spec, "dtype": dtype, "root": str(copy), "weights": str(weights)})], env,
                 tmp / f"{tag}-original.log", args.timeout)
             spec["weights"] = str(weights)
         ours_env = {**env, "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
-        ours = Worker("ours", [sys.executable, here, "--worker", "ours", json.dumps(
+        ours = started["ours"] = Worker("ours", [sys.executable, here, "--worker", "ours", json.dumps(
             {**spec, "dtype": OURS_DTYPE[dtype]})], ours_env, tmp / f"{tag}-ours.log", args.timeout)
         if original is not None:
             Path(spec["weights"]).unlink(missing_ok=True)  # read already; Swin-L's is 0.9 GB
@@ -546,21 +604,9 @@ def run_configuration(args, backbone: str, batch: int, dtype: str, copy: Path | 
         # Warm-up and timed calls, alternating. A side that fails (no kernel for a dtype, out of
         # memory) says so in the row, and the other side goes on alone.
         workers = {"original": original, "ours": ours}
-        times: dict[str, list[float]] = {"original": [], "ours": []}
-        firsts: dict[str, float] = {}
-        failed: dict[str, str] = {}
-        for i in range(args.warmup + args.repeats):
-            for name, worker in workers.items():
-                if worker is None or name in failed:
-                    continue
-                try:
-                    seconds = worker.ask("time", repeats=1)["seconds"][0]
-                except WorkerError as e:
-                    failed[name] = str(e) if str(e).startswith("cannot run") else f"cannot run: {e}"
-                    continue
-                firsts.setdefault(name, seconds)
-                if i >= args.warmup:
-                    times[name].append(seconds)
+        answers, failed = alternate(workers, args.warmup + args.repeats, "time", repeats=1)
+        times = {name: [a["seconds"][0] for a in got[args.warmup:]] for name, got in answers.items()}
+        firsts = {name: got[0]["seconds"][0] for name, got in answers.items() if got}
         for name, worker in workers.items():
             if worker is None:
                 continue
@@ -600,18 +646,6 @@ def run_configuration(args, backbone: str, batch: int, dtype: str, copy: Path | 
                                          gpu or original_gpu, args.min_mask_agreement, references))
                 except WorkerError as e:
                     row["agreement_error"] = str(e)
-        versions = {"jax": ours.info["jax"], "flax": ours.info["flax"]}
-        if original is not None:
-            versions.update(torch=original.info["torch"], torchvision=original.info["torchvision"])
-            row["original_threads"] = original.info["threads"]
-        row["versions"] = versions
-    except WorkerError as e:
-        row["error"] = str(e)
-    finally:
-        for worker in (original, ours):
-            if worker is not None:
-                worker.close()
-    row["load_average"] = load_average()
     return row
 
 
@@ -635,35 +669,24 @@ def check_original(args) -> None:
                          "huggingface_hub, opencv, pillow and tqdm")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(p: argparse.ArgumentParser, subject: str) -> None:
+    """The options every side-by-side script here has (the workers' hidden ones included)."""
     p.add_argument("--original", type=Path, help="checkout of the original BiRefNet (github.com/ZhengPeng7/BiRefNet)")
     p.add_argument("--original-python", default=sys.executable,
                    help="Python with torch, torchvision, timm, einops, kornia for the original (default: this one)")
-    p.add_argument("--ours-only", action="store_true", help="time our model alone (random weights)")
-    p.add_argument("--backbones", nargs="+", default=["swin_v1_t", "swin_v1_l", "pvt_v2_b2"],
-                   choices=sorted(ORIGINAL_BACKBONES))
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=DTYPES,
-                   help="float16: the original under float16 autocast against ours in bfloat16 (for CUDA)")
-    p.add_argument("--resolution", type=int, default=1024, help="square input size, a multiple of 32")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed calls of each side first (ours compiles in the first)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls of each side, alternating")
+    p.add_argument("--ours-only", action="store_true", help=f"time {subject} alone (random weights)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPUs both sides use (default: all of this process's affinity)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-mask-agreement", type=float, default=0.99,
-                   help="reduced-precision rows agree when at least this fraction of mask pixels does")
     p.add_argument("--timeout", type=float, default=3600, help="seconds a worker may take to answer one request")
     p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     p.add_argument("--worker", choices=["original", "ours"], help=argparse.SUPPRESS)
     p.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
-    args = p.parse_args()
 
-    if args.worker:
-        (original_worker if args.worker == "original" else ours_worker)(json.loads(args.spec))
-        return
+
+def prepare_run(p: argparse.ArgumentParser, args) -> list[int]:
+    """Check the common options (failing early, naming the option to fix), install the SIGTERM
+    handler and print the setup line to stderr. Returns the CPUs both sides are pinned to."""
     if args.repeats < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
         p.error("--repeats and --batch-sizes must be at least 1, --warmup at least 0")
     if args.resolution < 32 or args.resolution % 32:
@@ -683,16 +706,19 @@ def main():
     cpus = available[:threads]
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    out = open(args.out, "a") if args.out else None
     print(json.dumps({"kind": "setup", "python": platform.python_version(), "machine": platform.machine(),
                       "cpus": cpus, "original": str(args.original) if args.original else None,
                       "original_python": args.original_python if args.original else None,
                       "load_average": load_average()}), file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="birefnet-compare-") as tmp:
-        tmp = Path(tmp)
-        make_input(tmp / f"input-{args.resolution}-{max(args.batch_sizes)}.npy", max(args.batch_sizes),
-                   args.resolution, args.seed)
-        references: dict = {}
+    return cpus
+
+
+def run_all(args, tmp: Path, run_one) -> None:
+    """`run_one(backbone, batch, dtype, copy)` for every configuration, where `copy` is a copy of the
+    original set to the backbone (None with --ours-only); each row is one JSON line on stdout,
+    appended to --out as well."""
+    out = open(args.out, "a") if args.out else None
+    try:
         for backbone in args.backbones:
             copy = None
             if args.original is not None:
@@ -701,17 +727,45 @@ def main():
                 copy = prepare_original(args.original, ORIGINAL_BACKBONES[backbone], folder)
             for batch in args.batch_sizes:
                 for dtype in args.dtypes:
-                    row = run_configuration(args, backbone, batch, dtype, copy, cpus, tmp, references)
-                    line = json.dumps(row)
+                    line = json.dumps(run_one(backbone, batch, dtype, copy))
                     print(line, flush=True)
                     if out:
                         out.write(line + "\n")
                         out.flush()
             if copy is not None:
                 shutil.rmtree(copy.parent, ignore_errors=True)
-    if out:
-        out.close()
+    finally:
+        if out:
+            out.close()
 
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p, "our model")
+    p.add_argument("--backbones", nargs="+", default=["swin_v1_t", "swin_v1_l", "pvt_v2_b2"],
+                   choices=sorted(ORIGINAL_BACKBONES))
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=DTYPES,
+                   help="float16: the original under float16 autocast against ours in bfloat16 (for CUDA)")
+    p.add_argument("--resolution", type=int, default=1024, help="square input size, a multiple of 32")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls of each side first (ours compiles in the first)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of each side, alternating")
+    p.add_argument("--min-mask-agreement", type=float, default=0.99,
+                   help="reduced-precision rows agree when at least this fraction of mask pixels does")
+    args = p.parse_args()
+
+    if args.worker:
+        (original_worker if args.worker == "original" else ours_worker)(json.loads(args.spec))
+        return
+    cpus = prepare_run(p, args)
+    with tempfile.TemporaryDirectory(prefix="birefnet-compare-") as tmp:
+        tmp = Path(tmp)
+        make_input(tmp / f"input-{args.resolution}-{max(args.batch_sizes)}.npy", max(args.batch_sizes),
+                   args.resolution, args.seed)
+        references: dict = {}
+        run_all(args, tmp, lambda backbone, batch, dtype, copy: run_configuration(
+            args, backbone, batch, dtype, copy, cpus, tmp, references))
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ checkpoint is the best by the validation metric, and a non-finite loss stops the
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +23,13 @@ from birefnet_jax.train.sharding import make_mesh
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _assert_same(a, b, rtol, atol):
+# Devices and processes sum the batch in another order; BatchNorm over a batch of eight amplifies the
+# float32 rounding to ~5e-4 relative in a step. Sharding mistakes (statistics over a device's share
+# of the batch, a missing all-reduce) change the step by orders of magnitude more.
+RTOL, ATOL = 2e-3, 2e-4
+
+
+def _assert_same(a, b, rtol=RTOL, atol=ATOL):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
@@ -39,7 +46,7 @@ def test_eight_devices_take_the_same_step_as_one(single_device_step):
     params1, logs1 = single_device_step
     params8, logs8 = one_step(make_mesh(fsdp=2))  # 4 data x 2 fsdp
     assert logs8["loss"] == pytest.approx(logs1["loss"], rel=1e-6)
-    _assert_same(params8, params1, rtol=1e-5, atol=1e-6)
+    _assert_same(params8, params1)
 
 
 def _free_port() -> int:
@@ -60,7 +67,7 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, single_device_step):
     logs = {k[4:]: float(got.pop(k)) for k in list(got) if k.startswith("log/")}
     params1, logs1 = single_device_step
     assert logs["loss"] == pytest.approx(logs1["loss"], rel=1e-6)
-    _assert_same(got, params1, rtol=1e-5, atol=1e-6)
+    _assert_same(got, params1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,7 +79,10 @@ def _train(workdir: Path, cache: Path, *extra, wait=True):
            f"--workdir={workdir}", *extra]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
+           # Unoptimised code generation: the tiny steps run in milliseconds either way, and it
+           # compiles the training step in about half the time.
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+           "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
@@ -114,9 +124,17 @@ def test_uninterrupted_run_trains_validates_and_writes_predictions(uninterrupted
     root, _, out = uninterrupted
     work = root / "full"
     assert (work / "predictions.png").is_file() and len(list((work / "predictions").glob("*.png"))) == 2
-    progress = json.loads(next((work / "checkpoints").glob("*/progress/metadata")).read_text())
-    assert "step" in progress or "progress" in progress
-    assert "status': 'done'" in out or '"status": "done"' in out
+    # The best checkpoint is the one with the best validation S-measure, and it is kept.
+    val = {int(k): float(v) for k, v in re.findall(r"\[(\d+)\] [^\n]*val/S=([0-9.eE+-]+)", out)}
+    assert sorted(val) == [2, 4, 6], out[-3000:]
+    best = max(val, key=val.get)
+    progress = json.loads((work / "checkpoints" / "6" / "progress" / "metadata").read_text())
+    assert progress["best_step"] == best and progress["best_metric"] == pytest.approx(val[best], rel=1e-5)
+    assert (work / "checkpoints" / str(best)).is_dir()
+    assert "'status': 'done'" in out
+    # The loss goes down over the run (the quickstart's pipeline, shrunk): clu's console writer logs it.
+    losses = [float(m) for m in re.findall(r"train/loss=([0-9.eE+-]+)", out)]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
 
 
 def test_killed_run_resumes_to_bit_identical_parameters(uninterrupted):

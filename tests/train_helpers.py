@@ -14,6 +14,9 @@ if str(ROOT) not in sys.path:  # configs/ lives at the top of the repository
     sys.path.insert(0, str(ROOT))
 
 
+_STEPS: dict = {}
+
+
 def tiny_config(workdir_data: str = ""):
     from configs.quickstart import get_config
 
@@ -71,7 +74,10 @@ def one_step(mesh, config=None, data=None):
     n_local = len(data["image"]) // jax.process_count()
     lo = jax.process_index() * n_local
     local = {k: v[lo: lo + n_local] for k, v in data.items()}
-    logs = make_train_step()(model, optimizer, global_batch(local, sharding))
+    key = tuple(d.id for d in mesh.devices.flat)
+    if key not in _STEPS:  # one compilation per mesh: later calls trace to the same program
+        _STEPS[key] = make_train_step()
+    logs = _STEPS[key](model, optimizer, global_batch(local, sharding))
     params = {}
     for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
         value = var.get_value()

@@ -12,6 +12,8 @@ process feeds its own slice of the global batch (`global_batch`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from flax import nnx
@@ -61,10 +63,21 @@ def state_shardings(state, mesh: Mesh):
     return jax.tree.map(one, state)
 
 
+def place(x, sharding: NamedSharding) -> jax.Array:
+    """A global array from a value every process holds in full (e.g. initialised from the same seed):
+    each process fills its addressable shards, so this works across hosts where `device_put` cannot."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = place(jax.random.key_data(x), NamedSharding(sharding.mesh, P()))
+        wrap = functools.partial(jax.random.wrap_key_data, impl=jax.random.key_impl(x))
+        return jax.jit(wrap, out_shardings=sharding)(data)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_training_state(model: nnx.Module, optimizer: nnx.Optimizer, mesh: Mesh) -> None:
     """Place the model's and the optimiser's arrays on the mesh, in place."""
     state = nnx.state((model, optimizer))
-    nnx.update((model, optimizer), jax.device_put(state, state_shardings(state, mesh)))
+    nnx.update((model, optimizer), jax.tree.map(place, state, state_shardings(state, mesh)))
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -73,6 +86,6 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 
 
 __all__ = [
-    "DATA", "FSDP", "FSDP_MIN_SIZE", "array_sharding", "batch_sharding", "global_batch", "make_mesh",
+    "DATA", "FSDP", "FSDP_MIN_SIZE", "array_sharding", "batch_sharding", "global_batch", "make_mesh", "place",
     "shard_training_state", "state_shardings",
 ]

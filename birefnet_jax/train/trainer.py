@@ -275,13 +275,13 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             _finite_or_raise(logs, step, checkpointer)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
+            writer.write_scalars(step, {"train/lr": float(schedule((step - 1) // opt_cfg.accumulate_steps)),
+                                        "train/grad_norm_step": logs["grad_norm"]})
             for hook in hooks:
                 hook(step)
             if step % config.log_every_steps == 0 or step == total_steps:
                 n = config.log_every_steps if step % config.log_every_steps == 0 else step % config.log_every_steps
-                scalars = {f"train/{k}": v / n for k, v in sums.items()}
-                scalars["train/lr"] = float(schedule(step // opt_cfg.accumulate_steps))
-                writer.write_scalars(step, scalars)
+                writer.write_scalars(step, {f"train/{k}": v / n for k, v in sums.items()})
                 sums = {}
             if validator is not None and (step % config.val_every_steps == 0 or step == total_steps):
                 result = validator.run(model)
