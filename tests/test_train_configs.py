@@ -81,6 +81,8 @@ def test_fine_tuning_starts_from_a_checkpoint_with_a_new_head(tmp_path):
 def test_remat_gives_the_same_loss_and_gradients():
     """Rematerialisation (backbone passes and decoder blocks recomputed in the backward pass)
     changes memory, not results."""
+    import functools
+
     import jax
     from train_helpers import batch, tiny_config
 
@@ -91,23 +93,22 @@ def test_remat_gives_the_same_loss_and_gradients():
 
     c = tiny_config()
     data = batch(2)
+    value_and_grad = nnx.value_and_grad(functools.partial(loss_fn, lambdas=None), has_aux=True)
     results = []
     for remat in (False, True):
         model = set_remat(initial_model(c, model_config(c)), remat)
         set_train_mode(model, batch_norm="batch")
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        graphdef, state = nnx.split(model)
 
-        def loss(params, rest, graphdef=graphdef):
-            return loss_fn(nnx.merge(graphdef, params, rest), data)[0]
+        def loss(state, graphdef=graphdef):
+            return value_and_grad(nnx.merge(graphdef, state), data)[0][0]
 
-        value_and_grad = jax.value_and_grad(loss)
-        text = str(jax.make_jaxpr(value_and_grad)(params, rest)) if remat else ""
-        value, grads = jax.jit(value_and_grad)(params, rest)
+        program = str(jax.make_jaxpr(loss)(state))
+        (value, _), grads = nnx.jit(value_and_grad)(model, data)
         flat = {state_path_name(p, "/"): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
-        results.append((float(value), flat, text))
-    (l0, g0, _), (l1, g1, text) = results
-    assert "checkpoint" in text or "remat" in text  # the recomputation is really in the program
+        results.append((float(value), flat, "remat" in program))
+    (l0, g0, remat0), (l1, g1, remat1) = results
+    assert remat1 and not remat0  # the recomputation is in the program only when asked for
     assert l1 == pytest.approx(l0, rel=1e-6)
     for k in g0:
-        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    assert jax.tree.leaves(g0)
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-4, atol=1e-5, err_msg=k)
