@@ -7,13 +7,16 @@ same workdir to resume from the newest checkpoint.
 """
 
 import logging
+import sys
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from birefnet_jax.train.trainer import train_and_evaluate
+from birefnet_jax.checkpoint import CheckpointError
+from birefnet_jax.train.data.folders import DatasetError
+from birefnet_jax.train.trainer import NonFiniteLossError, train_and_evaluate
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
@@ -38,7 +41,11 @@ def main(argv):
     absl_logging.get_absl_handler().addFilter(_QuietOrbax())
     if FLAGS.distributed or FLAGS.coordinator_address:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (DatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+        # Problems of the data, the workdir or the run: the message says what to do; no traceback.
+        sys.exit(f"train.py: {type(e).__name__}: {e}")
     logging.info("finished: %s", result)
 
 

@@ -199,7 +199,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
-    config.unlock() if hasattr(config, "unlock") else None
+    if hasattr(config, "unlock"):  # the synthetic data set rewrites the data fields
+        config.unlock()
     if not config.data.root:
         _synthetic_data(config, workdir)
     writer = metric_writers.create_default_writer(workdir / "logs", just_logging=jax.process_index() > 0)
