@@ -2,7 +2,7 @@
 # Side-by-side GPU benchmark against the original BiRefNet (benchmarks/compare_original.py) on one
 # lent H100, finishing within about 8 minutes. Run from anywhere; it works in the repository root:
 #
-#     bash benchmarks/gpu.sh            # results appended to $OUT/compare_gpu.jsonl
+#     bash benchmarks/gpu.sh            # results appended to $OUT/<script>_gpu.jsonl
 #
 # The machine has no network. Expected there: Python 3.12 with PyTorch + torchvision (CUDA), JAX
 # with CUDA, flax, optax, orbax. Brought along (git-ignored, carried with the working tree):
@@ -24,7 +24,6 @@ cd "$(dirname "$0")/.." || exit 2
 root=$PWD
 OUT=${OUT:-$root/benchmarks/results}
 mkdir -p "$OUT"
-results="$OUT/compare_gpu.jsonl"
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 original=.orig/BiRefNet
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
@@ -67,16 +66,19 @@ print("python", platform.python_version(), "jax", jax.__version__, "flax", flax.
 print("jax devices", jax.devices(), "torch", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 sys.exit(0 if jax.default_backend() == "gpu" and torch.cuda.is_available() else 1)
 EOF
-echo "== results -> $results"
+echo "== results -> $OUT/{compare_original,train_step}_gpu.jsonl"
 
-# Most important first; each part is one compare_original.py run with fresh workers per
-# configuration (ours compiles for ~30-40 s each), stopped at the deadline by `timeout`. Lines of
-# finished configurations are already in the results file when a part is cut short.
+# Most important first; each part is one run of a benchmark script (compare_original.py: the
+# forward; train_step.py: one training step) with fresh workers per configuration (ours compiles
+# for ~30-60 s each), stopped at the deadline by `timeout`. Lines of finished configurations are
+# already in the results files when a part is cut short.
 # float16 = the original under float16 autocast (how it is usually run on a GPU) against ours in bfloat16.
 parts=(
-  "--backbones swin_v1_l --batch-sizes 1 --dtypes float16 float32"
-  "--backbones swin_v1_l --batch-sizes 4 --dtypes float16 float32"
-  "--backbones swin_v1_t --batch-sizes 1 4 --dtypes float16 float32"
+  "compare_original --backbones swin_v1_l --batch-sizes 1 --dtypes float16"
+  "compare_original --backbones swin_v1_l --batch-sizes 4 --dtypes float16"
+  "train_step --backbones swin_v1_l --batch-sizes 2 --dtypes float16 --warmup 2 --repeats 5"
+  "compare_original --backbones swin_v1_l --batch-sizes 1 --dtypes float32"
+  "compare_original --backbones swin_v1_t --batch-sizes 1 4 --dtypes float16 float32"
 )
 status=0
 for part in "${parts[@]}"; do
@@ -86,9 +88,11 @@ for part in "${parts[@]}"; do
     continue
   fi
   echo "== $part (${left} s left)"
-  # shellcheck disable=SC2086  # $part is a list of options
-  timeout -k 5 "$left" "$PYTHON" benchmarks/compare_original.py --original "$original" \
-    --original-python "$PYTHON" --resolution 1024 --warmup 2 --repeats 10 --out "$results" $part
+  script=${part%% *}
+  options=${part#* }
+  # shellcheck disable=SC2086  # $options is a list of options
+  timeout -k 5 "$left" "$PYTHON" "benchmarks/$script.py" --original "$original" \
+    --original-python "$PYTHON" --resolution 1024 --warmup 2 --repeats 10 --out "$OUT/${script}_gpu.jsonl" $options
   rc=$?
   if ((rc == 124 || rc == 137)); then
     echo "== cut at the deadline: $part"
