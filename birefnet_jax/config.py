@@ -17,6 +17,13 @@ MUL_SCL_IPT = ("", "add", "cat")
 DEC_ATT = ("", "ASPP", "ASPPDeformable")
 DEC_BLK = ("BasicDecBlk", "ResBlk")
 SQUEEZE_KINDS = ("BasicDecBlk", "ResBlk", "ASPP", "ASPPDeformable")
+# Backbone kinds whose four outputs share one stride (plain ViTs, here DINOv3). The original puts its
+# pyramid neck behind them (each level resized to strides 4..32, then a 1x1 conv to NECK_CHANNELS) and
+# freezes them in training by default (its `freeze_bb`).
+SINGLE_STRIDE_KINDS = ("dinov3",)
+# The decoder widths behind the pyramid neck, deep to shallow: Swin-L's, as the original hard-codes them
+# (doubled with the `cat` multi-scale input).
+NECK_CHANNELS = (1536, 768, 384, 192)
 
 
 # The backbone configs live beside their modules (one file per family, see `birefnet_jax.backbones`);
@@ -64,6 +71,8 @@ class BiRefNetConfig:
     dropout: float = 0.5
     # (height, width) the checkpoint was trained at; inputs are resized to it (the original's size is (w, h)).
     resolution: tuple[int, int] = (1024, 1024)
+    # Training only: no gradient and no optimiser state for the backbone; None: the original's rule (frozen for DINOv3).
+    freeze_backbone: bool | None = None
 
     def __post_init__(self):
         problems = []
@@ -94,6 +103,8 @@ class BiRefNetConfig:
         if len(res) != 2 or any(not isinstance(v, int) or v < 32 or v % 32 for v in res):
             problems.append(f"resolution={self.resolution!r}: expected (height, width), each a positive multiple "
                             "of 32 (the backbone downsamples 32x), e.g. (1024, 1024)")
+        if self.freeze_backbone not in (None, True, False):
+            problems.append(f"freeze_backbone={self.freeze_backbone!r}: expected None, True or False")
         if self.dec_channels_inter not in ("fixed", "adap"):
             problems.append(f"dec_channels_inter={self.dec_channels_inter!r} not in ('fixed', 'adap')")
         if problems:
@@ -105,6 +116,27 @@ class BiRefNetConfig:
         """Encoder widths deep to shallow, doubled by the `cat` multi-scale input."""
         mult = 2 if self.mul_scl_ipt == "cat" else 1
         return tuple(c * mult for c in reversed(self.backbone.channels))
+
+    @property
+    def use_pyramid_neck(self) -> bool:
+        """Whether the decoder starts with the pyramid neck: for backbones whose levels share one stride."""
+        return self.backbone.kind in SINGLE_STRIDE_KINDS
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        """Widths the decoder works on, deep to shallow: the pyramid neck's outputs (Swin-L's widths,
+        doubled by `cat`) where there is one, else `lateral_channels`."""
+        if not self.use_pyramid_neck:
+            return self.lateral_channels
+        mult = 2 if self.mul_scl_ipt == "cat" else 1
+        return tuple(c * mult for c in NECK_CHANNELS)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """`freeze_backbone` resolved: None follows the original (frozen for single-stride backbones)."""
+        if self.freeze_backbone is None:
+            return self.backbone.kind in SINGLE_STRIDE_KINDS
+        return bool(self.freeze_backbone)
 
     @property
     def cxt(self) -> tuple[int, ...]:
@@ -189,7 +221,9 @@ def get_preset(name: str) -> BiRefNetConfig:
 __all__ = [
     "BACKBONES",
     "BACKBONE_KINDS",
+    "NECK_CHANNELS",
     "PRESETS",
+    "SINGLE_STRIDE_KINDS",
     "BackboneConfig",
     "BiRefNetConfig",
     "PvtV2Config",

@@ -43,10 +43,6 @@ class TrainOutputs:
     cls_logits: jax.Array | None
 
 
-def _call(module, x):
-    return module(x)
-
-
 class BiRefNet(nnx.Module):
     """The full model. Input: (B, H, W, 3) images normalised with the ImageNet mean and std,
     H and W multiples of 32."""
@@ -55,7 +51,7 @@ class BiRefNet(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.deterministic = True
-        self.remat = False  # see set_remat
+        self.capture_intermediates = False  # sow backbone, encoder and squeeze outputs (for parity checks)
         self.bb = build_backbone(cfg.backbone, rngs=rngs, dtype=dtype)
         ch = cfg.lateral_channels
         if cfg.num_classes:
@@ -69,23 +65,45 @@ class BiRefNet(nnx.Module):
                                         for _ in range(count)])
         self.decoder = Decoder(cfg, rngs=rngs, dtype=dtype)
 
-    def encode(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        """Backbone features at strides 4..32 after multi-scale fusion and context fusion."""
-        backbone = nnx.remat(_call) if self.remat else _call
-        feats = backbone(self.bb, x)
+    def backbone_levels(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """The backbone's four levels after the multi-scale input (`cat` / `add` of a half-size pass).
+        A frozen backbone (`cfg.backbone_frozen`) in training passes no gradient back, so its backward
+        pass is never built and none of its activations are kept for one."""
+        frozen = self.cfg.backbone_frozen and not self.deterministic
+
+        def run(image):
+            with jax.named_scope("bb"):  # names the backbone's operations in programs and profiles
+                out = self.bb(image)
+            return tuple(jax.lax.stop_gradient(f) for f in out) if frozen else tuple(out)
+
+        feats = run(x)
+        self._sow("backbone", feats)
         if self.cfg.mul_scl_ipt:
             half = resize_bilinear(x, (x.shape[1] // 2, x.shape[2] // 2))
-            feats_half = backbone(self.bb, half)
+            feats_half = run(half)
             ups = [resize_bilinear(fh, f.shape[1:3]) for f, fh in zip(feats, feats_half, strict=True)]
             if self.cfg.mul_scl_ipt == "cat":
                 feats = tuple(jnp.concatenate([f, u], axis=-1) for f, u in zip(feats, ups, strict=True))
             else:
                 feats = tuple(f + u for f, u in zip(feats, ups, strict=True))
+        return feats
+
+    def _sow(self, name: str, values) -> None:
+        if self.capture_intermediates:
+            for i, v in enumerate(values):
+                self.sow(nnx.Intermediate, f"{name}{i + 1}" if len(values) > 1 else name, v)
+
+    def add_context(self, feats: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        """The last `cxt_num` shallower levels resized onto the deepest one and concatenated to it."""
         x1, x2, x3, x4 = feats
         if self.cfg.cxt_num:
             ctx = [resize_bilinear(f, x4.shape[1:3]) for f in (x1, x2, x3)][-self.cfg.cxt_num:]
             x4 = jnp.concatenate([*ctx, x4], axis=-1)
         return x1, x2, x3, x4
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """Backbone features after multi-scale fusion and context fusion (levels shallow to deep)."""
+        return self.add_context(self.backbone_levels(x))
 
     def squeeze(self, x4: jax.Array) -> jax.Array:
         for blk in self.squeeze_module:
@@ -101,12 +119,15 @@ class BiRefNet(nnx.Module):
                              f"(e.g. to {-(-h // 32) * 32}x{-(-w // 32) * 32})")
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        x1, x2, x3, x4 = self.encode(x)
+        feats = self.backbone_levels(x)
         training = not self.deterministic
         cls_logits = None
-        if training and self.cls_head is not None:
-            cls_logits = self.cls_head(jnp.mean(x4, axis=(1, 2)))
+        if training and self.cls_head is not None:  # on the deepest level before the context joins it
+            cls_logits = self.cls_head(jnp.mean(feats[3], axis=(1, 2)))
+        x1, x2, x3, x4 = self.add_context(feats)
+        self._sow("encoder", (x1, x2, x3, x4))
         x4 = self.squeeze(x4)
+        self._sow("squeeze", (x4,))
         grad_target = gradient_map(x) if training and self.cfg.out_ref else None
         preds, gdt_preds, gdt_labels = self.decoder(x, (x1, x2, x3, x4), grad_target)
         if not training:
@@ -115,10 +136,14 @@ class BiRefNet(nnx.Module):
 
 
 def set_remat(model: BiRefNet, enabled: bool = True) -> BiRefNet:
-    """Rematerialisation for training at high resolution: the backbone pass(es) and every decoder
-    block keep only their inputs for the backward pass and recompute the rest (about a third more
-    compute for the memory of their activations). Same results, same parameters."""
-    model.remat = enabled
+    """Rematerialisation for training at high resolution: every backbone block (Swin, PVT v2,
+    DINOv3) and every decoder block keeps only its input for the backward pass and is recomputed
+    there, one block at a time (`birefnet_jax.nn.remat`): about one more forward pass of compute
+    for most of the activations' memory. Same results, same parameters."""
+    enabled = bool(enabled)
+    for _, module in nnx.iter_modules(model.bb):
+        if hasattr(module, "remat"):
+            module.remat = enabled
     model.decoder.remat = enabled
     return model
 

@@ -68,7 +68,9 @@ def base_config(task: str = "DIS5K") -> ml_collections.ConfigDict:
     c.optim.min_lr_ratio = 0.0
     c.optim.clip_grad_norm = ml_collections.config_dict.placeholder(float)
     c.optim.accumulate_steps = 1
-    c.optim.frozen = ()  # e.g. ('bb/',) freezes the backbone
+    # e.g. ('bb/',) freezes the backbone; added by itself where the model config freezes it (DINOv3 backbones,
+    # as the original's freeze_bb; a `freeze_backbone: False` entry in config.model.overrides trains them).
+    c.optim.frozen = ()
 
     # Objective.
     c.loss = ml_collections.ConfigDict()

@@ -79,8 +79,8 @@ def test_fine_tuning_starts_from_a_checkpoint_with_a_new_head(tmp_path):
 
 
 def test_remat_gives_the_same_loss_and_gradients():
-    """Rematerialisation (backbone passes and decoder blocks recomputed in the backward pass)
-    changes memory, not results."""
+    """Rematerialisation (every backbone and decoder block recomputed in the backward pass, after
+    a barrier on its output's cotangent) changes memory, not results."""
     import functools
 
     import jax
@@ -106,9 +106,9 @@ def test_remat_gives_the_same_loss_and_gradients():
         program = str(jax.make_jaxpr(loss)(state))
         (value, _), grads = nnx.jit(value_and_grad)(model, data)
         flat = {state_path_name(p, "/"): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
-        results.append((float(value), flat, "remat" in program))
+        results.append((float(value), flat, program.count("optimization_barrier")))
     (l0, g0, remat0), (l1, g1, remat1) = results
-    assert remat1 and not remat0  # the recomputation is in the program only when asked for
+    assert remat0 == 0 and remat1 > 0, (remat0, remat1)  # recomputation barriers only when asked for
     assert l1 == pytest.approx(l0, rel=1e-6)
     for k in g0:
         np.testing.assert_allclose(g1[k], g0[k], rtol=1e-4, atol=1e-5, err_msg=k)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from flax import nnx
 
-from birefnet_jax.backbones import pvt_v2, resnet, swin, vgg
+from birefnet_jax.backbones import dinov3, pvt_v2, resnet, swin, vgg
 from birefnet_jax.backbones.spec import ArchitectureError, BackboneSpec
 
-TABLE: dict[str, BackboneSpec] = {spec.kind: spec for spec in (swin.SPEC, pvt_v2.SPEC, resnet.SPEC, vgg.SPEC)}
+TABLE: dict[str, BackboneSpec] = {spec.kind: spec for spec in (swin.SPEC, pvt_v2.SPEC, resnet.SPEC, vgg.SPEC,
+                                                                dinov3.SPEC)}
 
 # Every named backbone config, as the original names them (`config.bb`).
 PRESETS = {name: cfg for spec in TABLE.values() for name, cfg in spec.presets.items()}

@@ -266,12 +266,13 @@ class PyramidVisionTransformerV2(nnx.Module):
             ]))
             setattr(self, f"norm{i + 1}", nnx.LayerNorm(dims[i], epsilon=1e-6, rngs=rngs, dtype=dtype))
             cur += cfg.depths[i]
+        self.remat = False  # recompute each block in the backward pass (model.set_remat)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         outs = []
         for i in range(1, 5):
             x = getattr(self, f"patch_embed{i}")(x)
-            x = apply_blocks(getattr(self, f"block{i}"), x)
+            x = apply_blocks(getattr(self, f"block{i}"), x, remat=self.remat)
             x = getattr(self, f"norm{i}")(x)
             outs.append(x)
         return tuple(outs)

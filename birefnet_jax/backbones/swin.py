@@ -171,9 +171,10 @@ class BasicLayer(nnx.Module):
             for i in range(depth)
         ])
         self.downsample = PatchMerging(dim, rngs=rngs, dtype=dtype) if downsample else None
+        self.remat = False  # recompute each block in the backward pass (model.set_remat)
 
     def __call__(self, x):
-        x = apply_blocks(self.blocks, x, period=2)  # plain and shifted windows alternate
+        x = apply_blocks(self.blocks, x, period=2, remat=self.remat)  # plain and shifted windows alternate
         return x, (x if self.downsample is None else self.downsample(x))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from birefnet_jax.backbones import detect
 from birefnet_jax.backbones.spec import ArchitectureError, count_indices, shape_of
-from birefnet_jax.config import BiRefNetConfig
+from birefnet_jax.config import NECK_CHANNELS, SINGLE_STRIDE_KINDS, BiRefNetConfig
 
 
 def _block_kind(sd, prefix: str) -> str:
@@ -53,7 +53,16 @@ def infer_config(state_dict: dict[str, np.ndarray], *, mul_scl_ipt: str | None =
         raise ArchitectureError("not a BiRefNet state dict: no 'decoder.lateral_block4' keys")
 
     bb_ch = list(reversed(backbone.channels))
-    lat_in = shape_of(sd, "decoder.lateral_block4.conv.weight")[1]
+    neck = "decoder.pyramid_neck_x4.conv.weight" in sd
+    if neck != (backbone.kind in SINGLE_STRIDE_KINDS):
+        raise ArchitectureError(
+            f"the state dict {'has' if neck else 'lacks'} the pyramid neck (decoder.pyramid_neck_x*), which the "
+            f"original builds {'only for' if neck else 'for every'} backbone of kinds {SINGLE_STRIDE_KINDS}, "
+            f"and its backbone is {backbone.kind}")
+    # The width the encoder hands the decoder at level 3: into the neck where there is one, else into
+    # the first lateral block.
+    lat_key = "decoder.pyramid_neck_x3.conv.weight" if neck else "decoder.lateral_block4.conv.weight"
+    lat_in = shape_of(sd, lat_key)[1]
     if lat_in == 2 * bb_ch[1]:
         inferred_msi = "cat"
     elif lat_in == bb_ch[1]:
@@ -65,6 +74,12 @@ def infer_config(state_dict: dict[str, np.ndarray], *, mul_scl_ipt: str | None =
     elif (mul_scl_ipt == "cat") != (inferred_msi == "cat"):
         raise ArchitectureError(f"mul_scl_ipt={mul_scl_ipt!r} contradicts the weights (they say "
                                 f"{'cat' if inferred_msi == 'cat' else 'add or none'})")
+    if neck:
+        widths = tuple(shape_of(sd, f"decoder.pyramid_neck_x{level}.conv.weight")[0] for level in (4, 3, 2, 1))
+        expected = tuple(c * (2 if mul_scl_ipt == "cat" else 1) for c in NECK_CHANNELS)
+        if widths != expected:
+            raise ArchitectureError(f"pyramid neck widths {widths}: the original's neck is always {expected} "
+                                    "(Swin-L's widths, doubled by the 'cat' input)")
     mult = 2 if mul_scl_ipt == "cat" else 1
     lat = [c * mult for c in bb_ch]
 
@@ -102,7 +117,7 @@ def infer_config(state_dict: dict[str, np.ndarray], *, mul_scl_ipt: str | None =
         dec_channels_inter="adap" if inter != 64 and inter == in4 // 4 else "fixed",
         num_classes=0 if cls is None else cls.shape[0],
     )
-    known = set(cfg) | {"resolution", "dropout"}
+    known = set(cfg) | {"resolution", "dropout", "freeze_backbone"}
     if unknown := sorted(set(overrides) - known):
         raise ArchitectureError(f"unknown config override(s) {unknown}; known: {sorted(known)}")
     cfg.update(overrides)

@@ -62,7 +62,7 @@ def torch_key_to_path(key: str, targets: dict) -> tuple | None:
     """NNX path for an original key, or None when no such parameter exists."""
     module, _, leaf = key.rpartition(".")
     module = _sub_all(module, _RENAMES)
-    base = _to_path(module)
+    base = _to_path(module) if module else ()  # a parameter of the root module (timm's `cls_token`)
     names = {"weight": ("kernel", "scale")}.get(leaf, (_LEAF.get(leaf, leaf),))
     for name in names:
         if base + (name,) in targets:
@@ -71,8 +71,9 @@ def torch_key_to_path(key: str, targets: dict) -> tuple | None:
 
 
 def path_to_torch_key(path: tuple) -> str:
-    module = ".".join(str(p) for p in path[:-1])
-    return _sub_all(module, _INVERSE) + "." + _LEAF_INV.get(path[-1], path[-1])
+    module = _sub_all(".".join(str(p) for p in path[:-1]), _INVERSE)
+    leaf = _LEAF_INV.get(path[-1], path[-1])
+    return f"{module}.{leaf}" if module else leaf
 
 
 def _to_flax_layout(value: np.ndarray, leaf: str) -> np.ndarray:

@@ -15,6 +15,7 @@ from flax import nnx
 from birefnet_jax.config import BiRefNetConfig
 from birefnet_jax.modules.blocks import BasicLatBlk, SimpleConvs, build_block
 from birefnet_jax.nn.layers import apply_opt, conv2d, maybe_bn, resize_bilinear
+from birefnet_jax.nn.scan import block_caller
 
 
 def image_to_patches(x: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
@@ -34,10 +35,6 @@ class GradientBranch(nnx.Module):
         return jax.nn.relu(apply_opt(self.bn, self.conv(x)))
 
 
-def _call(module, x):
-    return module(x)
-
-
 class Decoder(nnx.Module):
     """Reconstruction module: decoder blocks from deep to shallow, each fed the image patches
     of its resolution (source reference) and, with `out_ref`, gated by gradient attention
@@ -50,9 +47,13 @@ class Decoder(nnx.Module):
         self.deterministic = True
         self.capture_intermediates = False  # sow decoder block outputs (for parity checks)
         self.remat = False  # recompute each decoder block in the backward pass (see model.set_remat)
-        ch = list(cfg.lateral_channels)
+        lat = list(cfg.lateral_channels)  # what the encoder (and the squeeze module) hand over
+        ch = list(cfg.decoder_channels)  # what the decoder blocks work on: the neck's widths where there is one
+        if cfg.use_pyramid_neck:
+            for level, c_in, c_out in zip((4, 3, 2, 1), lat, ch, strict=True):
+                setattr(self, f"pyramid_neck_x{level}", BasicLatBlk(c_in, c_out, rngs=rngs, dtype=dtype))
         out_ch = ch[1:] + [ch[-1] // 2]
-        ipt_out = [c // 8 for c in ch]
+        ipt_out = [c // 8 for c in lat]
         ipt_in = [3 * 4**k for k in (5, 4, 3, 2, 0)] if cfg.dec_ipt_split else [3] * 5
         for level, i_in, i_out in zip((5, 4, 3, 2, 1), ipt_in, [ipt_out[0]] + ipt_out, strict=True):
             setattr(self, f"ipt_blk{level}", SimpleConvs(i_in, i_out, rngs=rngs, dtype=dtype))
@@ -74,25 +75,57 @@ class Decoder(nnx.Module):
                 setattr(self, f"gdt_convs_pred_{level}", conv2d(n, 1, 1, rngs=rngs, dtype=dtype))
                 setattr(self, f"gdt_convs_attn_{level}", conv2d(n, 1, 1, rngs=rngs, dtype=dtype))
 
+    def _reference(self, image, level, size):
+        """The source reference for a level of size `size`: the image (split into a grid of
+        patches stacked on channels when `dec_ipt_split`) resized and encoded by `ipt_blk<level>`."""
+        h, w = size
+        ref = image_to_patches(image, image.shape[1] // h, image.shape[2] // w) if self.cfg.dec_ipt_split else image
+        return getattr(self, f"ipt_blk{level}")(resize_bilinear(ref, (h, w)))
+
     def _with_patches(self, feat, image, level):
-        """Concatenate the source reference for this level: the image (split into a grid of
-        patches stacked on channels when `dec_ipt_split`) encoded by `ipt_blk<level>`."""
-        h, w = feat.shape[1], feat.shape[2]
-        if self.cfg.dec_ipt_split:
-            ref = image_to_patches(image, image.shape[1] // h, image.shape[2] // w)
-        else:
-            ref = image
-        ref = resize_bilinear(ref, (h, w))
-        return jnp.concatenate([feat, getattr(self, f"ipt_blk{level}")(ref)], axis=-1)
+        """`feat` with its level's source reference concatenated on channels."""
+        return jnp.concatenate([feat, self._reference(image, level, feat.shape[1:3])], axis=-1)
+
+    def _output(self, p, image):
+        """`conv_out1` over [p resized to the image's size, the level-1 source reference]. The
+        1x1 convolution and the bilinear resize are both linear, so p's share of the convolution
+        runs before the resize: one channel goes up to full resolution instead of p's width (96 for
+        Swin-T, 768 for Swin-L), which was most of a training step's full-resolution memory.
+        The same map up to float rounding."""
+        conv, c = self.conv_out1, p.shape[-1]
+        kernel = conv.kernel[...]
+        dtype = conv.dtype or jnp.result_type(p.dtype, kernel.dtype)
+        ref = self._reference(image, 1, image.shape[1:3])
+
+        def pointwise(x, k):
+            return jax.lax.dot_general(x.astype(dtype), k[0, 0].astype(dtype), (((x.ndim - 1,), (0,)), ((), ())))
+
+        out = resize_bilinear(pointwise(p, kernel[:, :, :c]), image.shape[1:3]) + pointwise(ref, kernel[:, :, c:])
+        return out if conv.bias is None else out + conv.bias[...].astype(dtype)
+
+    def pyramid_neck(self, image, feats):
+        """Levels of one stride brought onto strides 4, 8, 16, 32 of the image (bilinear,
+        align_corners) and to the decoder's widths (1x1 convs)."""
+        h, w = image.shape[1], image.shape[2]
+        out = []
+        for k, (level, f) in enumerate(zip((1, 2, 3, 4), feats, strict=True)):
+            f = resize_bilinear(f, (h // 2 ** (k + 2), w // 2 ** (k + 2)))
+            f = getattr(self, f"pyramid_neck_x{level}")(f)
+            if self.capture_intermediates:
+                self.sow(nnx.Intermediate, f"pyramid_neck_x{level}_out", f)
+            out.append(f)
+        return tuple(out)
 
     def _block(self, level, p):
         block = getattr(self, f"decoder_block{level}")
-        p = nnx.remat(_call)(block, p) if self.remat else block(p)
+        p = block_caller(self.remat)(block, p)
         if self.capture_intermediates:
             self.sow(nnx.Intermediate, f"decoder_block{level}_out", p)
         return p
 
     def __call__(self, image, feats, grad_target=None):
+        if self.cfg.use_pyramid_neck:
+            feats = self.pyramid_neck(image, feats)
         x1, x2, x3, x4 = feats
         training = not self.deterministic
         side, gdt_preds, gdt_labels = [], [], []
@@ -113,8 +146,5 @@ class Decoder(nnx.Module):
             skip = skips[level]
             p = resize_bilinear(p, skip.shape[1:3]) + getattr(self, f"lateral_block{level}")(skip)
             p = self._with_patches(p, image, level)
-        p = self._block(1, p)
-        p = resize_bilinear(p, image.shape[1:3])
-        p = self._with_patches(p, image, 1)
-        final = self.conv_out1(p)
+        final = self._output(self._block(1, p), image)
         return side + [final], gdt_preds, gdt_labels

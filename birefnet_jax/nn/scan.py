@@ -10,6 +10,9 @@ Only when nothing random happens (every dropout deterministic, no BatchNorm in t
 blocks that differ only in their drop-path rate run with the first group's module definition,
 which is the same computation when those rates are not applied. The caller vouches that the
 groups differ in nothing else static (Swin: shift alternates within a pair; PVT: one stage).
+
+In training, `remat` recomputes each block in the backward pass instead of keeping its
+activations: the backward then holds one block's intermediates at a time, not every block's.
 """
 
 from __future__ import annotations
@@ -20,7 +23,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from birefnet_jax.nn.remat import remat_call
+
 MIN_GROUPS = 3  # fewer repeats compile about as fast unrolled
+
+def _call(block, x):
+    return block(x)
+
+
+def block_caller(remat: bool):
+    """`f(block, x) = block(x)`; with `remat`, the block is recomputed in the backward pass."""
+    return remat_call if remat else _call
 
 
 def _deterministic(modules) -> bool:
@@ -32,10 +45,12 @@ def _deterministic(modules) -> bool:
     return True
 
 
-def apply_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *, period: int = 1) -> jax.Array:
+def apply_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *, period: int = 1,
+                 remat: bool = False) -> jax.Array:
     """`x` through `blocks` in order. Groups of `period` consecutive blocks (Swin's plain and
     shifted pair: 2) that repeat at least `MIN_GROUPS` times go through one `lax.scan` when the
-    blocks are deterministic and their weights line up; otherwise the blocks run one by one."""
+    blocks are deterministic and their weights line up; otherwise the blocks run one by one,
+    each rematerialised (`nn.remat`) when `remat` is set (training)."""
     blocks = list(blocks)
     n = len(blocks) // period
     groups = [tuple(blocks[i * period:(i + 1) * period]) for i in range(n)]
@@ -56,6 +71,7 @@ def apply_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *, period: int = 1)
             return h, None
 
         x, _ = jax.lax.scan(body, x, stacked)
+    call = block_caller(remat)
     for blk in blocks[n * period:]:
-        x = blk(x)
+        x = call(blk, x)
     return x

@@ -137,6 +137,17 @@ def parameter_labels(params, frozen: Sequence[str]):
     return labels
 
 
+BACKBONE_PATTERN = "bb/"
+
+
+def freeze_backbone_if(cfg: OptimConfig, frozen: bool) -> OptimConfig:
+    """`cfg` with the backbone among the frozen parameters where the model config freezes it
+    (`BiRefNetConfig.backbone_frozen`: no optimiser state for it, and no update)."""
+    if not frozen or BACKBONE_PATTERN in cfg.frozen:
+        return cfg
+    return dataclasses.replace(cfg, frozen=(*cfg.frozen, BACKBONE_PATTERN))
+
+
 def make_optimizer(cfg: OptimConfig, params, *, global_batch_size: int, epochs: int,
                    steps_per_epoch: int) -> tuple[optax.GradientTransformation, object]:
     """The optax transformation for `params` (the model's `nnx.Param` state) and its learning-rate
@@ -166,6 +177,6 @@ def make_optimizer(cfg: OptimConfig, params, *, global_batch_size: int, epochs: 
 
 
 __all__ = [
-    "OptimConfig", "decay_milestones", "learning_rate_schedule", "make_optimizer", "parameter_labels",
-    "peak_learning_rate", "scaled_learning_rate", "step_decay_schedule",
+    "OptimConfig", "decay_milestones", "freeze_backbone_if", "learning_rate_schedule", "make_optimizer",
+    "parameter_labels", "peak_learning_rate", "scaled_learning_rate", "step_decay_schedule",
 ]

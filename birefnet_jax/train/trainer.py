@@ -27,7 +27,7 @@ from birefnet_jax.train import losses
 from birefnet_jax.train.batchnorm import set_train_mode
 from birefnet_jax.train.data.folders import DIS5K_CLASSES, find_pairs, split_sets
 from birefnet_jax.train.data.sizes import SizeBuckets
-from birefnet_jax.train.optim import OptimConfig, make_optimizer
+from birefnet_jax.train.optim import OptimConfig, freeze_backbone_if, make_optimizer
 from birefnet_jax.train.sharding import batch_sharding, global_batch, make_mesh, shard_training_state
 from birefnet_jax.train.step import make_train_step
 
@@ -223,7 +223,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     cfg = model_config(config)
     model = initial_model(config, cfg)
     bn_mode = set_train_mode(model, batch_norm=config.batch_norm, global_batch_size=gbs)
-    opt_cfg = _optim_config(config)
+    opt_cfg = freeze_backbone_if(_optim_config(config), cfg.backbone_frozen)  # e.g. DINOv3, as the original
     tx, schedule = make_optimizer(opt_cfg, nnx.state(model, nnx.Param), global_batch_size=gbs, epochs=config.epochs,
                                   steps_per_epoch=steps_per_epoch)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
