@@ -88,6 +88,7 @@ ORIGINAL_BACKBONES = {
     "swin_v1_t": "swin_v1_t", "swin_v1_s": "swin_v1_s", "swin_v1_b": "swin_v1_b", "swin_v1_l": "swin_v1_l",
     "pvt_v2_b0": "pvt_v2_b0", "pvt_v2_b1": "pvt_v2_b1", "pvt_v2_b2": "pvt_v2_b2", "pvt_v2_b5": "pvt_v2_b5",
     "vgg16": "vgg16", "vgg16bn": "vgg16bn", "resnet50": "resnet50",
+    "dino_v3_s": "dino_v3_s", "dino_v3_s_plus": "dino_v3_s_plus", "dino_v3_b": "dino_v3_b", "dino_v3_l": "dino_v3_l",
 }
 DTYPES = ("float32", "bfloat16", "float16")
 OURS_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "bfloat16"}

@@ -16,6 +16,7 @@ def get_config():
                         "drop_path_rate": 0.1}
     c.model.overrides = {"mul_scl_ipt": "", "dec_att": "ASPP", "resolution": (128, 128)}
     c.model.dtype = "float32"  # bfloat16 convolutions are no faster on most CPUs
+    c.model.remat = False  # 128x128 fits anywhere: keep the activations, save the recomputation
     c.data.root = ""  # empty: generate the synthetic data set under <workdir>/data
     c.data.synthetic_train = 96
     c.data.synthetic_val = 12
