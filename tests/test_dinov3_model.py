@@ -196,6 +196,10 @@ def test_conversion_round_trip(case):
     every original key (neck included) bit for bit."""
     sd, model = case
     assert dinov3.infer_config(sd, **_untold()) == _expected_config().backbone
+    # What `birefnet_jax.load(path, num_heads=..., out_indices=...)` does with a checkpoint:
+    assert infer_config(sd, **_untold()).backbone == _expected_config().backbone
+    with pytest.raises(ArchitectureError, match="num_heads"):
+        infer_config(sd)  # a size that is no preset: the head count must be told
     assert model.cfg == _expected_config()
     assert sum(k.startswith("decoder.pyramid_neck_x") for k in sd) == 8
     exported = model_to_state_dict(model)

@@ -79,8 +79,8 @@ def test_fine_tuning_starts_from_a_checkpoint_with_a_new_head(tmp_path):
 
 
 def test_remat_gives_the_same_loss_and_gradients():
-    """Rematerialisation (every backbone and decoder block recomputed in the backward pass, after
-    a barrier on its output's cotangent) changes memory, not results."""
+    """Rematerialisation (every backbone and decoder block recomputed in the backward pass, once
+    its output's cotangent exists) changes memory, not results."""
     import functools
 
     import jax
@@ -100,15 +100,16 @@ def test_remat_gives_the_same_loss_and_gradients():
         set_train_mode(model, batch_norm="batch")
         graphdef, state = nnx.split(model)
 
-        def loss(state, graphdef=graphdef):
-            return value_and_grad(nnx.merge(graphdef, state), data)[0][0]
+        def loss(state, graphdef=graphdef):  # the forward: autodiff would inline the custom VJPs
+            return loss_fn(nnx.merge(graphdef, state), data)[0]
 
         program = str(jax.make_jaxpr(loss)(state))
         (value, _), grads = nnx.jit(value_and_grad)(model, data)
         flat = {state_path_name(p, "/"): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
-        results.append((float(value), flat, program.count("optimization_barrier")))
+        results.append((float(value), flat, program.count("custom_vjp_call")))
     (l0, g0, remat0), (l1, g1, remat1) = results
-    assert remat0 == 0 and remat1 > 0, (remat0, remat1)  # recomputation barriers only when asked for
+    # One rematerialised call per block (nn.remat's custom VJP), only when asked for.
+    assert remat0 == 0 and remat1 > 0, (remat0, remat1)
     assert l1 == pytest.approx(l0, rel=1e-6)
     for k in g0:
         np.testing.assert_allclose(g1[k], g0[k], rtol=1e-4, atol=1e-5, err_msg=k)

@@ -36,19 +36,30 @@ def _attention_kind(sd, prefix: str) -> str:
     return ""
 
 
+# Backbone fields the weights cannot tell, by backbone kind: head counts (PVT v2, DINOv3 of a size
+# that is no preset), and which blocks a DINOv3 taps and how deep the whole model was.
+UNTOLD_BACKBONE_FIELDS = {"pvt_v2": ("num_heads",), "dinov3": ("num_heads", "out_indices", "depth")}
+
+
 def infer_config(state_dict: dict[str, np.ndarray], *, mul_scl_ipt: str | None = None,
-                 num_heads=None, **overrides) -> BiRefNetConfig:
+                 num_heads=None, out_indices=None, depth=None, **overrides) -> BiRefNetConfig:
     """A `BiRefNetConfig` that builds exactly the parameters of `state_dict` (prefixes stripped).
 
     Keyword overrides replace inferred fields (e.g. `resolution=(2048, 2048)`); `mul_scl_ipt`
-    picks 'add' over '' when the widths say the input is not concatenated.
+    picks 'add' over '' when the widths say the input is not concatenated. `num_heads`,
+    `out_indices` and `depth` tell the backbone what its weights cannot (`UNTOLD_BACKBONE_FIELDS`).
     """
     sd = state_dict
     spec = detect(sd)
-    if num_heads is not None and spec.kind != "pvt_v2":
-        raise ArchitectureError(f"num_heads (--num-heads) only applies to PVT v2 backbones; this checkpoint has "
-                                f"a {spec.kind} backbone, whose head counts the weights tell")
-    backbone = spec.infer(sd, num_heads=num_heads) if num_heads is not None else spec.infer(sd)
+    told = {k: v for k, v in dict(num_heads=num_heads, out_indices=out_indices, depth=depth).items()
+            if v is not None}
+    allowed = UNTOLD_BACKBONE_FIELDS.get(spec.kind, ())
+    if any(k not in allowed for k in told):
+        raise ArchitectureError(
+            f"{', '.join(told)} only applies to PVT v2 (num_heads, --num-heads) and DINOv3 (num_heads, out_indices, "
+            f"depth) backbones; this checkpoint has a {spec.kind} backbone, whose "
+            f"{'head counts' if spec.kind != 'dinov3' else 'remaining fields'} the weights tell")
+    backbone = spec.infer(sd, **told)
     if "decoder.lateral_block4.conv.weight" not in sd:
         raise ArchitectureError("not a BiRefNet state dict: no 'decoder.lateral_block4' keys")
 
