@@ -116,14 +116,16 @@ def weight_range(key: str, shape: tuple, keys: set) -> tuple[float, float] | Non
     raise ValueError(f"no recipe rule for {key} {shape}")
 
 
-def make_recipe(state_dict: dict[str, torch.Tensor], seed: int):
-    """(weights recipe, integer buffers, the rebuilt float32 state dict)."""
+def make_recipe(state_dict: dict[str, torch.Tensor], seed: int, value_range=None):
+    """(weights recipe, integer buffers, the rebuilt float32 state dict). `value_range(key, shape,
+    keys)` gives a tensor's (low, high), or None for a buffer stored as it is (default: `weight_range`)."""
+    value_range = value_range or weight_range
     keys = set(state_dict)
     master = np.random.Generator(np.random.PCG64(seed))
     weights, buffers, values = {}, {}, {}
     for key, t in state_dict.items():
         shape = tuple(t.shape)
-        rng_range = weight_range(key, shape, keys)
+        rng_range = value_range(key, shape, keys)
         if rng_range is None:
             buffers[key] = t.numpy().copy()
             values[key] = buffers[key]

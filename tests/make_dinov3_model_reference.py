@@ -48,7 +48,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "reference"
 sys.path.insert(0, str(ROOT / "tests"))
-from make_cnn_reference import image_like, relative_error, weight_range  # noqa: E402
+from make_cnn_reference import image_like, make_recipe, relative_error, weight_range  # noqa: E402
 
 TIMM_MODEL = "vit_small_patch16_dinov3"  # the original's dino_v3_s; shrunk by TINY
 ORIGINAL_NAME = "dino_v3_s"  # `config.bb`: what switches the original's neck and freezing on
@@ -86,25 +86,6 @@ def dino_weight_range(key: str, shape: tuple, keys: set) -> tuple[float, float] 
         if leaf == "bias":
             return -0.1, 0.1
     return weight_range(key, shape, keys)
-
-
-def make_recipe(state_dict: dict[str, torch.Tensor], seed: int):
-    keys = set(state_dict)
-    master = np.random.Generator(np.random.PCG64(seed))
-    weights, buffers, values = {}, {}, {}
-    for key, t in state_dict.items():
-        shape = tuple(t.shape)
-        rng_range = dino_weight_range(key, shape, keys)
-        if rng_range is None:
-            buffers[key] = t.numpy().copy()
-            values[key] = buffers[key]
-            continue
-        low, high = rng_range
-        s = int(master.integers(0, 2**32))
-        weights[key] = {"seed": s, "low": low, "high": high, "shape": list(shape)}
-        v = low + (high - low) * np.random.Generator(np.random.PCG64(s)).random(int(np.prod(shape)))
-        values[key] = v.astype(np.float32).reshape(shape)
-    return weights, buffers, values
 
 
 # What the patched original Config says: the backbone name, its width, the classification head.
@@ -258,7 +239,7 @@ def main():
     torch.manual_seed(0)
     net, original_config, timm_version = build_original(args.original.resolve())
     sd = net.state_dict()
-    weights, buffers, values = make_recipe(sd, SEED)
+    weights, buffers, values = make_recipe(sd, SEED, dino_weight_range)
     tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in values.items()}
     for m in net.modules():
         if isinstance(m, nn.Dropout):

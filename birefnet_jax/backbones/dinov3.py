@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from birefnet_jax.backbones.spec import ArchitectureError, BackboneSpec, count_indices, shape_of
-from birefnet_jax.nn.layers import at_least_f32, conv2d
+from birefnet_jax.nn.layers import Mlp, at_least_f32, conv2d
 from birefnet_jax.nn.scan import apply_blocks
 
 
@@ -259,17 +259,6 @@ class Attention(nnx.Module):
         out = jax.lax.platform_dependent(q, k, v, cpu=partial(_attend_blocked, scale=self.scale),
                                          default=partial(_attend, scale=self.scale))
         return self.proj(out.reshape(b, n, c))
-
-
-class Mlp(nnx.Module):
-    """fc1 -> GELU (exact) -> fc2."""
-
-    def __init__(self, dim: int, hidden: int, *, rngs, dtype):
-        self.fc1 = nnx.Linear(dim, hidden, rngs=rngs, dtype=dtype)
-        self.fc2 = nnx.Linear(hidden, dim, rngs=rngs, dtype=dtype)
-
-    def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class SwiGLU(nnx.Module):

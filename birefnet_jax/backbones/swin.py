@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from birefnet_jax.backbones.spec import BackboneSpec, count_indices, shape_of
-from birefnet_jax.nn.layers import at_least_f32, conv2d
+from birefnet_jax.nn.layers import Mlp, at_least_f32, conv2d
 from birefnet_jax.nn.scan import apply_blocks
 
 
@@ -82,15 +82,6 @@ def window_merge(x: jax.Array, window: int, h: int, w: int) -> jax.Array:
     b, _, _, c = x.shape
     x = x.reshape(b, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h, w, c)
-
-
-class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, rngs, dtype):
-        self.fc1 = nnx.Linear(dim, hidden, rngs=rngs, dtype=dtype)
-        self.fc2 = nnx.Linear(hidden, dim, rngs=rngs, dtype=dtype)
-
-    def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class WindowAttention(nnx.Module):

@@ -61,6 +61,17 @@ def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
     return jax.lax.dot_general(lhs, rhs.reshape(rhs.shape[-2:]), dims, precision=precision, **kwargs)
 
 
+class Mlp(nnx.Module):
+    """The transformer feed-forward of Swin and DINOv3: fc1 -> GELU (exact, erf) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs, dtype):
+        self.fc1 = nnx.Linear(dim, hidden, rngs=rngs, dtype=dtype)
+        self.fc2 = nnx.Linear(hidden, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
 class BatchNorm2d(nnx.Module):
     """BatchNorm with PyTorch's semantics, so converted statistics and training steps match.
 
