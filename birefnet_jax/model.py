@@ -137,14 +137,14 @@ class BiRefNet(nnx.Module):
 
 def set_remat(model: BiRefNet, enabled: bool = True) -> BiRefNet:
     """Rematerialisation for training at high resolution: every backbone block (Swin, PVT v2,
-    DINOv3) and every decoder block keeps only its input for the backward pass and is recomputed
-    there, one block at a time (`birefnet_jax.nn.remat`): about one more forward pass of compute
-    for most of the activations' memory. Same results, same parameters."""
+    DINOv3), the Swin embedding, merging and output norms, and the conv-BN stages and ASPP
+    branches of the squeeze and decoder blocks keep only their inputs for the backward pass and
+    are recomputed there, one at a time (`birefnet_jax.nn.remat`): about one more forward pass
+    of compute for most of the activations' memory. Same results, same parameters."""
     enabled = bool(enabled)
-    for _, module in nnx.iter_modules(model.bb):
+    for _, module in nnx.iter_modules(model):
         if hasattr(module, "remat"):
             module.remat = enabled
-    model.decoder.remat = enabled
     return model
 
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from birefnet_jax.backbones.spec import BackboneSpec, count_indices, shape_of
 from birefnet_jax.nn.layers import Mlp, at_least_f32, conv2d
-from birefnet_jax.nn.scan import apply_blocks
+from birefnet_jax.nn.scan import apply_blocks, block_caller
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +166,7 @@ class BasicLayer(nnx.Module):
 
     def __call__(self, x):
         x = apply_blocks(self.blocks, x, period=2, remat=self.remat)  # plain and shifted windows alternate
-        return x, (x if self.downsample is None else self.downsample(x))
+        return x, (x if self.downsample is None else block_caller(self.remat)(self.downsample, x))
 
 
 class PatchEmbed(nnx.Module):
@@ -196,13 +196,17 @@ class SwinTransformer(nnx.Module):
         ])
         for i, c in enumerate(cfg.channels):
             setattr(self, f"norm{i}", nnx.LayerNorm(c, epsilon=1e-5, rngs=rngs, dtype=dtype))
+        # With remat, the patch embedding and output norms are recomputed too: a LayerNorm's
+        # backward otherwise keeps several activation-sized arrays per level until the end.
+        self.remat = False
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        x = self.patch_embed(x)
+        call = block_caller(self.remat)
+        x = call(self.patch_embed, x)
         outs = []
         for i, layer in enumerate(self.layers):
             out, x = layer(x)
-            outs.append(getattr(self, f"norm{i}")(out))
+            outs.append(call(getattr(self, f"norm{i}"), out))
         return tuple(outs)
 
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from birefnet_jax.nn.deform_conv import DeformableConv2d
-from birefnet_jax.nn.layers import apply_opt, conv2d, maybe_bn
+from birefnet_jax.nn.layers import apply_opt, conv2d, maybe_bn, pointwise
+from birefnet_jax.nn.remat import remat_call, remat_sum
 
 ASPP_CHANNELS = 256  # fixed in the original whatever the input width
 
@@ -31,24 +32,66 @@ class _ImagePool(nnx.Module):
         self.conv = conv2d(in_ch, planes, 1, bias=False, rngs=rngs, dtype=dtype)
         self.bn = maybe_bn(batch_norm, planes, dtype)
 
+    def pooled(self, x):
+        """(B, 1, 1, planes): the branch before it is broadcast."""
+        return jax.nn.relu(apply_opt(self.bn, self.conv(jnp.mean(x, axis=(1, 2), keepdims=True))))
+
     def __call__(self, x):
-        pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
-        y = jax.nn.relu(apply_opt(self.bn, self.conv(pooled)))
         # Resizing a 1x1 map with aligned corners replicates it.
-        return jnp.broadcast_to(y, x.shape[:3] + (y.shape[-1],))
+        return _broadcast_like(self.pooled(x), x)
+
+
+def _broadcast_like(y, x):
+    return jnp.broadcast_to(y, x.shape[:3] + (y.shape[-1],))
+
+
+def _activate(modules, x):
+    """BN -> ReLU -> dropout, the ASPP's tail after its 1x1 fusion."""
+    bn, dropout = modules
+    return dropout(jax.nn.relu(apply_opt(bn, x)))
+
+
+def _projected_branch(i: int, width: int):
+    """Part `i` of the fusion as a sum: branch i's output times its slice of the 1x1 kernel.
+    The concatenation and the 1x1 convolution over it are linear, so their result is the sum
+    of these parts; the image-pool part is projected before it is broadcast."""
+
+    def part(modules, x):
+        *branches, conv1 = modules
+        kernel = conv1.kernel[...][:, :, i * width:(i + 1) * width]
+        dtype = conv1.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        branch = branches[i]
+        if isinstance(branch, _ImagePool):
+            return _broadcast_like(pointwise(branch.pooled(x), kernel, dtype), x)
+        return pointwise(branch(x), kernel, dtype)
+
+    return part
 
 
 class _ASPPBase(nnx.Module):
-    """Shared tail of both ASPP kinds: concat -> 1x1 conv -> BN -> ReLU -> dropout."""
+    """Shared tail of both ASPP kinds: concat -> 1x1 conv -> BN -> ReLU -> dropout.
+
+    With `remat` (training, `model.set_remat`) the concatenation and 1x1 convolution run as a sum
+    of per-branch projections, recomputed one branch at a time in the backward pass
+    (`remat_sum`): the five branches at 256 channels, and the gradient of their concatenation,
+    are never held at once. Same function, float rounding aside."""
 
     def _init_tail(self, in_ch, out_ch, batch_norm, dropout, *, rngs, dtype):
         self.conv1 = conv2d(in_ch, out_ch, 1, bias=False, rngs=rngs, dtype=dtype)
         self.bn1 = maybe_bn(batch_norm, out_ch, dtype)
         self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
+        self.remat = False
 
-    def _fuse(self, branches):
-        x = self.conv1(jnp.concatenate(branches, axis=-1))
-        return self.dropout(jax.nn.relu(apply_opt(self.bn1, x)))
+    def _branches(self) -> list[nnx.Module]:
+        raise NotImplementedError
+
+    def __call__(self, x):
+        branches = self._branches()
+        if not self.remat:
+            return _activate((self.bn1, self.dropout), self.conv1(jnp.concatenate([b(x) for b in branches], axis=-1)))
+        parts = [_projected_branch(i, ASPP_CHANNELS) for i in range(len(branches))]
+        y = remat_sum((*branches, self.conv1), x, parts)
+        return remat_call((self.bn1, self.dropout), y, _activate)
 
 
 class ASPP(_ASPPBase):
@@ -65,9 +108,8 @@ class ASPP(_ASPPBase):
         self.global_avg_pool = _ImagePool(in_ch, p, batch_norm, rngs=rngs, dtype=dtype)
         self._init_tail(5 * p, out_ch, batch_norm, dropout, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x):
-        branches = [self.aspp1(x), self.aspp2(x), self.aspp3(x), self.aspp4(x), self.global_avg_pool(x)]
-        return self._fuse(branches)
+    def _branches(self):
+        return [self.aspp1, self.aspp2, self.aspp3, self.aspp4, self.global_avg_pool]
 
 
 class ASPPDeformable(_ASPPBase):
@@ -87,6 +129,5 @@ class ASPPDeformable(_ASPPBase):
         self.global_avg_pool = _ImagePool(in_ch, p, batch_norm, rngs=rngs, dtype=dtype)
         self._init_tail((2 + len(block_sizes)) * p, out_ch, batch_norm, dropout, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x):
-        branches = [self.aspp1(x), *[b(x) for b in self.aspp_deforms], self.global_avg_pool(x)]
-        return self._fuse(branches)
+    def _branches(self):
+        return [self.aspp1, *self.aspp_deforms, self.global_avg_pool]

@@ -8,6 +8,7 @@ from flax import nnx
 
 from birefnet_jax.modules.aspp import ASPP, ASPPDeformable
 from birefnet_jax.nn.layers import apply_opt, conv2d, maybe_bn
+from birefnet_jax.nn.scan import block_caller
 
 ATTENTIONS = ("", "ASPP", "ASPPDeformable")
 
@@ -22,8 +23,21 @@ def build_attention(kind: str, channels: int, *, batch_norm, dropout, rngs, dtyp
     raise ValueError(f"unknown decoder attention {kind!r}; expected one of {ATTENTIONS}")
 
 
+def _conv_bn(modules, x):
+    conv, bn = modules
+    return apply_opt(bn, conv(x))
+
+
+def _conv_bn_relu(modules, x):
+    return jax.nn.relu(_conv_bn(modules, x))
+
+
 class BasicDecBlk(nnx.Module):
-    """conv3x3 -> BN -> ReLU -> [attention] -> conv3x3 -> BN."""
+    """conv3x3 -> BN -> ReLU -> [attention] -> conv3x3 -> BN.
+
+    With `remat` (`model.set_remat`) each conv-BN stage is recomputed in the backward pass and
+    the attention does its own (ASPP: one branch at a time); the block keeps its input and the
+    attention's input and output, narrow maps, for the backward pass."""
 
     def __init__(self, in_ch: int, out_ch: int, *, attention: str = "", inter_channels: str = "fixed",
                  batch_norm: bool = True, dropout: float = 0.5, rngs: nnx.Rngs, dtype=None):
@@ -34,11 +48,13 @@ class BasicDecBlk(nnx.Module):
                                        rngs=rngs, dtype=dtype)
         self.conv_out = conv2d(inter, out_ch, 3, padding=1, rngs=rngs, dtype=dtype)
         self.bn_out = maybe_bn(batch_norm, out_ch, dtype)
+        self.remat = False
 
     def _body(self, x):
-        x = jax.nn.relu(apply_opt(self.bn_in, self.conv_in(x)))
+        call = block_caller(self.remat)
+        x = call((self.conv_in, self.bn_in), x, _conv_bn_relu)
         x = apply_opt(self.dec_att, x)
-        return apply_opt(self.bn_out, self.conv_out(x))
+        return call((self.conv_out, self.bn_out), x, _conv_bn)
 
     def __call__(self, x):
         return self._body(x)

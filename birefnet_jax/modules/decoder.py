@@ -14,8 +14,7 @@ from flax import nnx
 
 from birefnet_jax.config import BiRefNetConfig
 from birefnet_jax.modules.blocks import BasicLatBlk, SimpleConvs, build_block
-from birefnet_jax.nn.layers import apply_opt, conv2d, maybe_bn, resize_bilinear
-from birefnet_jax.nn.scan import block_caller
+from birefnet_jax.nn.layers import apply_opt, conv2d, maybe_bn, pointwise, resize_bilinear
 
 
 def image_to_patches(x: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
@@ -46,7 +45,6 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.deterministic = True
         self.capture_intermediates = False  # sow decoder block outputs (for parity checks)
-        self.remat = False  # recompute each decoder block in the backward pass (see model.set_remat)
         lat = list(cfg.lateral_channels)  # what the encoder (and the squeeze module) hand over
         ch = list(cfg.decoder_channels)  # what the decoder blocks work on: the neck's widths where there is one
         if cfg.use_pyramid_neck:
@@ -96,11 +94,8 @@ class Decoder(nnx.Module):
         kernel = conv.kernel[...]
         dtype = conv.dtype or jnp.result_type(p.dtype, kernel.dtype)
         ref = self._reference(image, 1, image.shape[1:3])
-
-        def pointwise(x, k):
-            return jax.lax.dot_general(x.astype(dtype), k[0, 0].astype(dtype), (((x.ndim - 1,), (0,)), ((), ())))
-
-        out = resize_bilinear(pointwise(p, kernel[:, :, :c]), image.shape[1:3]) + pointwise(ref, kernel[:, :, c:])
+        out = (resize_bilinear(pointwise(p, kernel[:, :, :c], dtype), image.shape[1:3])
+               + pointwise(ref, kernel[:, :, c:], dtype))
         return out if conv.bias is None else out + conv.bias[...].astype(dtype)
 
     def pyramid_neck(self, image, feats):
@@ -117,8 +112,7 @@ class Decoder(nnx.Module):
         return tuple(out)
 
     def _block(self, level, p):
-        block = getattr(self, f"decoder_block{level}")
-        p = block_caller(self.remat)(block, p)
+        p = getattr(self, f"decoder_block{level}")(p)  # rematerialised inside, with model.set_remat
         if self.capture_intermediates:
             self.sow(nnx.Intermediate, f"decoder_block{level}_out", p)
         return p

@@ -8,20 +8,29 @@ outside reads as zero altogether; the sample is multiplied by the mask before th
 weighted sum over taps and input channels.
 
 How it runs: the four bilinear corners of every cell are laid side by side in one table
-(so each sample is one contiguous-row gather), and output positions go through in tiles
-(`lax.map`): a tile gathers and blends its samples, (tile, K*C), and contracts them with the
-kernel as one matmul, so no (H, W, K, C) tensor exists, let alone one per corner. The
-tile function is rematerialised in the backward pass (`jax.checkpoint`), which keeps
-training memory at one tile as well; its gradient is the gather's scatter-add.
+(so each sample is one contiguous-row gather), and output positions go through in tiles (a
+`fori_loop`): a tile gathers and blends its samples, (tile, K*C), and contracts them with the
+kernel as one matmul, so no (H, W, K, C) tensor exists, let alone one per corner. The backward
+pass is written out (a custom VJP) and goes through the same tiles, rebuilding each tile's
+samples, so training memory stays at one tile as well; the input's gradient is a scatter-add
+into the corner table's. Its buffers and accumulators are made from the data they follow, so
+that XLA does not hoist them, shared between all convolutions of a shape, to the start of the
+program (as it did with the zero buffers of autodiff's scan transpose: 0.35 GB held through a
+Swin-T training step at 512x512).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from birefnet_jax.nn.layers import at_least_f32, conv2d
+from birefnet_jax.nn.remat import after
 
 # Sampled input per tile of positions. On a CPU a few MiB stays in cache; an accelerator wants few,
 # large steps (each step of the loop is a kernel launch or more), within memory.
@@ -58,36 +67,112 @@ def deform_conv2d(
     """
     b, h, w, c = x.shape
     kh, kw, _, o = kernel.shape
-    k = kh * kw
     ho, wo = offset.shape[1], offset.shape[2]
-    acc = at_least_f32(x.dtype)
-    table = _corner_table(x)
-    idx, wgt = _sampling_plan(offset, mask, (b, h, w), (kh, kw), (ho, wo), stride, padding, dilation)
-
-    per_position = k * c * jnp.dtype(acc).itemsize
+    per_position = kh * kw * c * jnp.dtype(at_least_f32(x.dtype)).itemsize
     if tile_bytes is None:
         tile_bytes = CPU_TILE_BYTES if jax.default_backend() == "cpu" else ACCELERATOR_TILE_BYTES
     # Tiles are whole output rows of one image, so that they divide every batch evenly (no
     # padding, and a batch size that is symbolic in an exported program works too).
     rows = max([r for r in range(1, ho + 1) if ho % r == 0 and r * wo * per_position <= tile_bytes], default=1)
-    tile = rows * wo
-    n_tiles = b * (ho // rows)
-    idx = idx.reshape(n_tiles, tile, k)
-    wgt = wgt.reshape(n_tiles, tile, k, 4)
-    weight = kernel.reshape(k * c, o).astype(x.dtype)
-
-    @jax.checkpoint
-    def tile_out(args):
-        t_idx, t_wgt = args
-        corners = jnp.take(table, t_idx, axis=0, mode="clip").astype(acc)  # (tile, K, 4*C)
-        sampled = sum(corners[..., q * c:(q + 1) * c] * t_wgt[..., q:q + 1] for q in range(4))
-        sampled = sampled.reshape(tile, k * c).astype(x.dtype)
-        return jnp.dot(sampled, weight, preferred_element_type=acc)
-
-    out = jax.lax.map(tile_out, (idx, wgt)).reshape(b, ho, wo, o)
+    geo = _Geometry(stride, padding, dilation, rows)
+    out = _sample_and_contract(x, offset, mask, kernel, geo)
     if bias is not None:
-        out = out + bias.astype(acc)
+        out = out + bias.astype(out.dtype)
     return out.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    stride: int
+    padding: int
+    dilation: int
+    rows: int  # output rows per tile
+
+
+def _plan_tiles(x, offset, mask, kernel_hw, geo):
+    """Table rows (n_tiles, tile, K) and bilinear weights (n_tiles, tile, K, 4) per tile."""
+    b, h, w, _ = x.shape
+    ho, wo = offset.shape[1], offset.shape[2]
+    k = kernel_hw[0] * kernel_hw[1]
+    idx, wgt = _sampling_plan(offset, mask, (b, h, w), kernel_hw, (ho, wo), geo.stride, geo.padding, geo.dilation)
+    n_tiles = b * (ho // geo.rows)
+    return idx.reshape(n_tiles, -1, k), wgt.reshape(n_tiles, -1, k, 4)
+
+
+def _blend(table, t_idx, t_wgt, c, acc):
+    """The four corners of every (position, tap) of a tile, (tile, K, 4C) in `acc`, and their
+    bilinear blend, (tile, K, C)."""
+    corners = jnp.take(table, t_idx, axis=0, mode="clip").astype(acc)
+    return corners, sum(corners[..., q * c:(q + 1) * c] * t_wgt[..., q:q + 1] for q in range(4))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sample_and_contract(x, offset, mask, kernel, geo):
+    return _forward(x, offset, mask, kernel, geo)
+
+
+def _forward(x, offset, mask, kernel, geo):
+    b, _, _, c = x.shape
+    kh, kw, _, o = kernel.shape
+    ho, wo = offset.shape[1], offset.shape[2]
+    acc = at_least_f32(x.dtype)
+    table = _corner_table(x)
+    idx, wgt = _plan_tiles(x, offset, mask, (kh, kw), geo)
+    n_tiles, tile = idx.shape[:2]
+    weight = kernel.reshape(kh * kw * c, o).astype(x.dtype)
+
+    def tile_out(i, out):
+        _, sampled = _blend(table, idx[i], wgt[i], c, acc)
+        y = jnp.dot(sampled.reshape(tile, -1).astype(x.dtype), weight, preferred_element_type=acc)
+        return out.at[i].set(y)
+
+    # The output buffer is made from `x` (zero times one element), so that XLA neither merges it
+    # with every other deformable convolution's buffer of that shape nor allocates it long before
+    # it is needed (in a rematerialised backward pass, that is hours of program order early).
+    out = jax.lax.fori_loop(0, n_tiles, tile_out, after(jnp.zeros((n_tiles, tile, o), acc), x))
+    return out.reshape(b, ho, wo, o)
+
+
+def _forward_rule(x, offset, mask, kernel, geo):
+    return _forward(x, offset, mask, kernel, geo), (x, offset, mask, kernel)
+
+
+def _backward_rule(geo, saved, g):
+    """Gradients tile by tile, as the forward ran: the sampled input of a tile is rebuilt from the
+    corner table, the kernel's gradient and the table's (a scatter-add of the blended corners'
+    gradients) accumulate over the tiles, and the bilinear weights' gradients go back through the
+    sampling plan to the offsets and the mask. The accumulators are made from `g`, so they exist
+    only once the backward pass reaches this convolution."""
+    x, offset, mask, kernel = saved
+    _, _, _, c = x.shape
+    kh, kw, _, o = kernel.shape
+    acc = at_least_f32(x.dtype)
+    table, table_vjp = jax.vjp(_corner_table, x)
+    (idx, wgt), plan_vjp = jax.vjp(lambda off, m: _plan_tiles(x, off, m, (kh, kw), geo), offset, mask)
+    n_tiles, tile, k = idx.shape
+    weight = kernel.reshape(k * c, o).astype(x.dtype)
+    g = jnp.asarray(g).reshape(n_tiles, tile, o)
+
+    def tile_grads(i, carry):
+        d_table, d_weight, d_wgt = carry
+        corners, sampled = _blend(table, idx[i], wgt[i], c, acc)
+        g_t = g[i].astype(x.dtype)
+        d_weight = d_weight + jnp.dot(sampled.reshape(tile, k * c).astype(x.dtype).T, g_t,
+                                      preferred_element_type=acc)
+        d_sampled = jnp.dot(g_t, weight.T, preferred_element_type=acc).reshape(tile, k, c)
+        d_wgt_t = jnp.stack([jnp.sum(corners[..., q * c:(q + 1) * c] * d_sampled, axis=-1) for q in range(4)], -1)
+        d_corners = jnp.concatenate([d_sampled * wgt[i][..., q:q + 1] for q in range(4)], axis=-1)
+        d_table = d_table.at[idx[i].reshape(-1)].add(d_corners.reshape(tile * k, 4 * c), mode="promise_in_bounds")
+        return d_table, d_weight, d_wgt.at[i].set(d_wgt_t.astype(d_wgt.dtype))
+
+    zeros = after((jnp.zeros(table.shape, acc), jnp.zeros((k * c, o), acc), jnp.zeros(wgt.shape, wgt.dtype)), g)
+    d_table, d_weight, d_wgt = jax.lax.fori_loop(0, n_tiles, tile_grads, zeros)
+    (d_x,) = table_vjp(d_table.astype(table.dtype))
+    d_offset, d_mask = plan_vjp((np.zeros(idx.shape, jax.dtypes.float0), d_wgt))
+    return d_x, d_offset, d_mask, d_weight.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_sample_and_contract.defvjp(_forward_rule, _backward_rule)
 
 
 def _corner_table(x: jax.Array) -> jax.Array:

@@ -118,6 +118,11 @@ def at_least_f32(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def pointwise(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    """`x` (..., C) times a 1x1 convolution's kernel slice `kernel` (1, 1, C, O), in `dtype`."""
+    return jax.lax.dot_general(x.astype(dtype), kernel[0, 0].astype(dtype), (((x.ndim - 1,), (0,)), ((), ())))
+
+
 def maybe_bn(enabled: bool, channels: int, dtype=None) -> BatchNorm2d | None:
     """The original replaces BatchNorm by Identity when trained with batch size 1."""
     return BatchNorm2d(channels, dtype=dtype) if enabled else None

@@ -27,12 +27,13 @@ from birefnet_jax.nn.remat import remat_call
 
 MIN_GROUPS = 3  # fewer repeats compile about as fast unrolled
 
-def _call(block, x):
-    return block(x)
+def _call(block, x, fn=None):
+    return block(x) if fn is None else fn(block, x)
 
 
 def block_caller(remat: bool):
-    """`f(block, x) = block(x)`; with `remat`, the block is recomputed in the backward pass."""
+    """`f(block, x, fn=None) = fn(block, x)` (by default `block(x)`); with `remat`, the block is
+    recomputed in the backward pass (`remat_call`)."""
     return remat_call if remat else _call
 
 
