@@ -84,6 +84,7 @@ import numpy as np
 from inference import peak_rss_mb
 
 LOSS_KEYS = ("loss", "loss_pix", "loss_gdt")
+CACHE_HIT = "/jax/compilation_cache/cache_hits"
 COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
                   "/jax/core/compile/backend_compile_duration": "xla"}
@@ -228,6 +229,7 @@ def ours_train_worker(spec: dict) -> None:
     timer = co.Timer()
     state = {}
     compile_events: list[tuple[str, float]] = []
+    cache_hits = [0]
 
     def setup() -> dict:
         import flax
@@ -246,6 +248,11 @@ def ours_train_worker(spec: dict) -> None:
 
         jax.monitoring.register_event_duration_secs_listener(
             lambda event, seconds, **_: compile_events.append((event, seconds)) if event in COMPILE_EVENTS else None)
+        jax.monitoring.register_event_listener(
+            lambda event, **_: cache_hits.__setitem__(0, cache_hits[0] + 1) if event == CACHE_HIT else None)
+        if spec.get("compile_cache"):  # as train.py's config.compile_cache_dir
+            jax.config.update("jax_compilation_cache_dir", spec["compile_cache"])
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         size, batch = spec["resolution"], spec["batch"]
         dtype = None if spec["dtype"] == "float32" else jnp.dtype(spec["dtype"])
         start = time.perf_counter()
@@ -274,6 +281,7 @@ def ours_train_worker(spec: dict) -> None:
                                                   for k, v in arrays.items()}))
         build = time.perf_counter() - start
         compile_events.clear()  # setup's small eager programs are not the step's
+        cache_hits[0] = 0
         timer.setup_peak_mb = peak_rss_mb()
         params = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
         return {"device": "cpu" if device.platform == "cpu" else device.device_kind, "platform": device.platform,
@@ -295,6 +303,7 @@ def ours_train_worker(spec: dict) -> None:
         for event, name in COMPILE_EVENTS.items():
             out[f"{name}_s"] = round(sum(s for e, s in compile_events if e == event), 2)
         out["compiles"] = sum(1 for e, _ in compile_events if e == "/jax/core/compile/backend_compile_duration")
+        out["cache_hits"] = cache_hits[0]
         out.update(co.jax_device_peak(state["device"]))
         return out
 
@@ -371,7 +380,8 @@ def run_configuration(args, backbone: str, batch: int, dtype: str, copy: Path | 
         # Preallocation off: on a GPU the two processes share the device, and the peak is what is used.
         ours_env = {**env, "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
         ours = started["ours"] = co.Worker("ours", [sys.executable, here, "--worker", "ours", json.dumps(
-            {**spec, "dtype": co.OURS_DTYPE[dtype], "remat": args.remat})], ours_env, tmp / f"{tag}-ours.log",
+            {**spec, "dtype": co.OURS_DTYPE[dtype], "remat": args.remat,
+             "compile_cache": args.compile_cache})], ours_env, tmp / f"{tag}-ours.log",
             args.timeout)
         if original is not None:
             Path(spec["weights"]).unlink(missing_ok=True)  # read already
@@ -379,6 +389,8 @@ def run_configuration(args, backbone: str, batch: int, dtype: str, copy: Path | 
                    ours_batch_norm=ours.info["batch_norm"])
         if args.remat:
             row["ours_remat"] = ours.info["remat"]
+        if args.compile_cache:
+            row["ours_compile_cache"] = args.compile_cache
         if original is not None:
             row.update(original_device=original.info["device"], original_build_s=original.info["build_s"],
                        original_batch_norm=original.info["batch_norm"],
@@ -413,6 +425,8 @@ def run_configuration(args, backbone: str, batch: int, dtype: str, copy: Path | 
         ours_stats = ours.ask("stats")
         row.update(ours_xla_compile_s=ours_stats["xla_s"], ours_trace_lower_s=round(
             ours_stats["trace_s"] + ours_stats["lower_s"], 2), ours_compiles=ours_stats["compiles"])
+        if args.compile_cache:
+            row["ours_cache_hits"] = ours_stats["cache_hits"]
         memory(row, "ours", warm.get("ours"), ours_stats)
         if original is not None:
             memory(row, "original", warm.get("original"), original.ask("stats"))
@@ -454,6 +468,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed steps of each side, alternating")
     p.add_argument("--lr", type=float, default=None, help="learning rate of both (default: 1e-4 * sqrt(batch / 4))")
     p.add_argument("--remat", action="store_true", help="our rematerialisation, where this version has it")
+    p.add_argument("--compile-cache", default="",
+                   help="our persistent XLA compilation cache (a folder): the first run fills it, a second run "
+                        "loads the step from it and compiles nothing (ours_cache_hits)")
     p.add_argument("--original-compile", action="store_true", help="the original's model under torch.compile")
     p.add_argument("--loss-tolerance", type=float, default=1e-3,
                    help="float32: largest relative difference of the first step's losses that agrees")

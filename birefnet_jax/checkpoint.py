@@ -123,7 +123,10 @@ def load_model(directory: str | os.PathLike, *, config: BiRefNetConfig | None = 
     _require_checkpoint(directory)
     model = abstract_model(cfg, dtype=dtype)
     target = nnx.to_pure_dict(nnx.state(model, _WEIGHTS))
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), target)
+    # Onto this process's first device, whatever mesh saved it: a checkpoint of a run on 8 GPUs loads
+    # on a laptop (without a target sharding, orbax insists on the saving topology).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), target)
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             restored = ckptr.restore(directory,

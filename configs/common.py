@@ -93,6 +93,9 @@ def base_config(task: str = "DIS5K") -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.log_every_steps = 50
+    # Persistent XLA compilation cache (relative paths are under the workdir; '' keeps none): a
+    # restarted run loads its compiled programs instead of compiling them again.
+    c.compile_cache_dir = ""
     c.profile_steps = 0  # >0: a profile of that many steps after the first few
     c.write_predictions = 8  # validation images written with their predictions at the end
     return c

@@ -76,9 +76,8 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, single_device_step):
 
 def _train(workdir: Path, cache: Path, *extra, wait=True):
     cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'tests' / 'tiny_train_config.py'}",
-           f"--workdir={workdir}", *extra]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+           f"--workdir={workdir}", f"--config.compile_cache_dir={cache}", *extra]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
            # Unoptimised code generation: the tiny steps run in milliseconds either way, and it
            # compiles the training step in about half the time.
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
@@ -121,7 +120,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_uninterrupted_run_trains_validates_and_writes_predictions(uninterrupted):
-    root, _, out = uninterrupted
+    root, cache, out = uninterrupted
     work = root / "full"
     assert (work / "predictions.png").is_file() and len(list((work / "predictions").glob("*.png"))) == 2
     # The best checkpoint is the one with the best validation S-measure, and it is kept.
@@ -132,6 +131,7 @@ def test_uninterrupted_run_trains_validates_and_writes_predictions(uninterrupted
     assert progress["best_step"] == best and progress["best_metric"] == pytest.approx(val[best], rel=1e-5)
     assert (work / "checkpoints" / str(best)).is_dir()
     assert "'status': 'done'" in out
+    assert any(cache.iterdir())  # config.compile_cache_dir: the programs, for the runs that follow
     # The loss goes down over the run (the quickstart's pipeline, shrunk): clu's console writer logs it.
     losses = [float(m) for m in re.findall(r"train/loss=([0-9.eE+-]+)", out)]
     assert len(losses) == 3 and losses[-1] < losses[0], losses

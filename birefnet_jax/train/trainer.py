@@ -199,6 +199,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+    if config.get("compile_cache_dir"):
+        # A restart (preemption, a crash) then loads the compiled step instead of compiling it again:
+        # minutes saved, and XLA's compilation memory peak (larger than a step's own) avoided.
+        cache = Path(config.compile_cache_dir).expanduser()
+        jax.config.update("jax_compilation_cache_dir", str(cache if cache.is_absolute() else workdir / cache))
     if hasattr(config, "unlock"):  # the synthetic data set rewrites the data fields
         config.unlock()
     if not config.data.root:
