@@ -77,7 +77,8 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, single_device_step):
 def _train(workdir: Path, cache: Path, *extra, wait=True):
     cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'tests' / 'tiny_train_config.py'}",
            f"--workdir={workdir}", f"--config.compile_cache_dir={cache}", *extra]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
            # Unoptimised code generation: the tiny steps run in milliseconds either way, and it
            # compiles the training step in about half the time.
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
