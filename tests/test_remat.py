@@ -35,7 +35,7 @@ def _loss_and_grads(module, x, remat):
         y = module(x)
         return jnp.sum(jnp.sin(y) * y)
 
-    (value, (dmod, dx)) = nnx.value_and_grad(loss, argnums=(0, 1))(module, x)
+    (value, (dmod, dx)) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(module, x)
     flat = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(dmod)}
     stats = {"/".join(map(str, p)): np.asarray(v.get_value())
              for p, v in nnx.to_flat_state(nnx.state(module, nnx.BatchStat))}
