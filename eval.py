@@ -238,7 +238,7 @@ def main(argv=None) -> dict:
         methods = check_datasets(args, datasets)
         check_save_dir(args.save_dir)
         if args.ckpt:
-            from birefnet_jax.api import load_predictor  # only this path needs the model
+            from birefnet_jax.inference.predictor import load_predictor  # only this path needs the model
 
             predictor = load_predictor(args.ckpt)
             method = args.method or os.path.splitext(os.path.basename(args.ckpt))[0]

@@ -16,7 +16,7 @@ worker processes and talks to each over stdin/stdout, one JSON line per request 
   offset/modulator convs to zero, which would sample on the regular grid and leave the deformable
   sampling unchecked. The state dict is written to a temporary .safetensors file;
 * our worker (run with this Python) builds our model from that file (`model_from_state_dict`)
-  and runs it through `birefnet_jax.api.Predictor` (the compiled eval-mode program returning logits).
+  and runs it through `birefnet_jax.inference.predictor.Predictor` (the compiled eval-mode program returning logits).
 
 Both run the same seeded batch of normalised images (NCHW for the original, NHWC for ours), already
 on the device, and the timed call is the model's forward only (`model(x)[-1]` for the original,
@@ -365,9 +365,10 @@ def ours_worker(spec: dict) -> None:
         import jax.numpy as jnp
 
         import birefnet_jax
-        from birefnet_jax.api import Predictor, model_from_state_dict
         from birefnet_jax.config import get_preset
         from birefnet_jax.convert import read_state_dict
+        from birefnet_jax.inference.predictor import Predictor
+        from birefnet_jax.loading import model_from_state_dict
         from birefnet_jax.model import random_model
 
         size = spec["resolution"]

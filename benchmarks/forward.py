@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from birefnet_jax.api import Predictor
 from birefnet_jax.config import BACKBONES, BiRefNetConfig
-from birefnet_jax.model import count_params, random_model
+from birefnet_jax.inference.predictor import Predictor
+from birefnet_jax.model import random_model
+from birefnet_jax.nn.state import count_params
 
 
 def run(bb: str, size: int, batch: int, dtype: str, repeats: int, keep_output: bool = False) -> dict:

@@ -92,9 +92,9 @@ def run_ours(job: dict) -> dict:
     import jax.numpy as jnp
     from PIL import Image
 
-    from birefnet_jax.api import Predictor
     from birefnet_jax.config import get_preset
     from birefnet_jax.inference import predict
+    from birefnet_jax.inference.predictor import Predictor
     from birefnet_jax.model import random_model
 
     h, w = job["resolution"]

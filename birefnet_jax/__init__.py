@@ -1,39 +1,34 @@
 """BiRefNet in JAX/Flax NNX, with verified conversion of the original PyTorch checkpoints."""
 
-from birefnet_jax.api import Predictor, load, load_predictor, make_predict_fn, normalize
-from birefnet_jax.config import (
-    BACKBONES,
-    PRESETS,
-    BiRefNetConfig,
-    PvtV2Config,
-    ResNetConfig,
-    SwinConfig,
-    VggConfig,
-    get_preset,
-)
-from birefnet_jax.inference import PredictSummary, predict
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from birefnet_jax.backbones import CONFIG_CLASSES
+from birefnet_jax.config import BACKBONES, RELEASED_CONFIGS, BiRefNetConfig, get_preset
 from birefnet_jax.inference.export import export_model
-from birefnet_jax.model import BiRefNet, TrainOutputs, count_params
+from birefnet_jax.inference.pipeline import PredictSummary, predict
+from birefnet_jax.inference.predictor import Predictor, load_predictor, make_predict_fn
+from birefnet_jax.io.images import normalize
+from birefnet_jax.loading import load
+from birefnet_jax.model import BiRefNet, TrainOutputs
+from birefnet_jax.nn.state import count_params
+
+# Every backbone family's config class (`SwinConfig`, `DinoV3Config`, ...), from the backbone table.
+globals().update(CONFIG_CLASSES)
 
 try:
-    from importlib.metadata import version as _version
-
     __version__ = _version("birefnet-jax")
-except Exception:  # not installed (a source tree on sys.path)
+except PackageNotFoundError:  # not installed (a source tree on sys.path)
     __version__ = "unknown"
 
 __all__ = [
     "BACKBONES",
-    "PRESETS",
+    "RELEASED_CONFIGS",
     "BiRefNet",
     "BiRefNetConfig",
     "PredictSummary",
     "Predictor",
-    "PvtV2Config",
-    "ResNetConfig",
-    "SwinConfig",
     "TrainOutputs",
-    "VggConfig",
     "__version__",
     "count_params",
     "export_model",
@@ -43,4 +38,5 @@ __all__ = [
     "make_predict_fn",
     "normalize",
     "predict",
+    *CONFIG_CLASSES,
 ]

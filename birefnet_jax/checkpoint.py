@@ -13,7 +13,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from birefnet_jax.config import BiRefNetConfig
-from birefnet_jax.model import BiRefNet, abstract_model, materialize_rng_state
+from birefnet_jax.model import BiRefNet, abstract_model
+from birefnet_jax.nn.state import materialize_rng_state
 
 _WEIGHTS = (nnx.Param, nnx.BatchStat)
 CONFIG_ITEM = "config"
@@ -117,7 +118,7 @@ def read_config(directory: str | os.PathLike) -> tuple[BiRefNetConfig, dict]:
 def load_model(directory: str | os.PathLike, *, config: BiRefNetConfig | None = None, dtype=None,
                seed: int = 0) -> BiRefNet:
     """Rebuild the model saved by `save_model` (eval mode). `config` replaces the stored one
-    (it must build the same parameters; see `api.load` for the overrides that make sense)."""
+    (it must build the same parameters; see `birefnet_jax.loading.load` for the overrides that make sense)."""
     directory = Path(directory).absolute()
     cfg = config if config is not None else read_config(directory)[0]
     _require_checkpoint(directory)

@@ -53,10 +53,10 @@ def _add_arch_flags(p, resolution_help: str):
 
 
 def cmd_convert(args) -> int:
-    from birefnet_jax.api import load
     from birefnet_jax.checkpoint import save_model
     from birefnet_jax.config import backbone_name
     from birefnet_jax.convert import model_to_state_dict, write_safetensors
+    from birefnet_jax.loading import load
 
     src, dst = Path(args.src), Path(args.dst)
     if src.exists() and dst.exists() and src.resolve() == dst.resolve():

@@ -6,12 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from birefnet_jax.backbones import PRESETS as BACKBONES
-from birefnet_jax.backbones import TABLE, spec_of
-from birefnet_jax.backbones.pvt_v2 import PvtV2Config
-from birefnet_jax.backbones.resnet import ResNetConfig
-from birefnet_jax.backbones.swin import SwinConfig
-from birefnet_jax.backbones.vgg import VggConfig
+from birefnet_jax.backbones import BACKBONES, TABLE, spec_of
 
 MUL_SCL_IPT = ("", "add", "cat")
 DEC_ATT = ("", "ASPP", "ASPPDeformable")
@@ -26,8 +21,7 @@ SINGLE_STRIDE_KINDS = ("dinov3",)
 NECK_CHANNELS = (1536, 768, 384, 192)
 
 
-# The backbone configs live beside their modules (one file per family, see `birefnet_jax.backbones`);
-# they are re-exported here because a BiRefNet config holds one.
+# The backbone configs live beside their modules (one file per family, see `birefnet_jax.backbones`).
 BackboneConfig = Any  # one of the config classes in `birefnet_jax.backbones.TABLE`
 BACKBONE_KINDS: dict[str, type] = {kind: spec.config for kind, spec in TABLE.items()}
 
@@ -41,8 +35,7 @@ class BiRefNetConfig:
     """
 
     # Encoder of the localization module: which backbone, and its size (default Swin-L, the original's swin_v1_l).
-    backbone: BackboneConfig = dataclasses.field(default_factory=lambda: SwinConfig(
-        embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12))
+    backbone: BackboneConfig = dataclasses.field(default_factory=lambda: BACKBONES["swin_v1_l"])
     # Multi-scale input: the image at half size goes through the backbone too; 'cat' concatenates, 'add' sums, '' off.
     mul_scl_ipt: str = "cat"
     # Context: how many shallower encoder levels (0-3) are resized onto the deepest one and concatenated to it.
@@ -185,7 +178,7 @@ def _released(bb: str, resolution=(1024, 1024)) -> BiRefNetConfig:
 
 
 # The released checkpoints (all with the default decoder) and the resolution each was trained at.
-PRESETS: dict[str, BiRefNetConfig] = {
+RELEASED_CONFIGS: dict[str, BiRefNetConfig] = {
     "BiRefNet": _released("swin_v1_l"),
     "BiRefNet-general": _released("swin_v1_l"),
     "BiRefNet-DIS5K": _released("swin_v1_l"),
@@ -206,30 +199,29 @@ PRESETS: dict[str, BiRefNetConfig] = {
     "BiRefNet-pvt_v2_b2": _released("pvt_v2_b2"),
 }
 # Spellings used on the hub.
-PRESETS["BiRefNet-HR"] = PRESETS["BiRefNet_HR"]
-PRESETS["BiRefNet-HR-matting"] = PRESETS["BiRefNet_HR-matting"]
+RELEASED_CONFIGS["BiRefNet-HR"] = RELEASED_CONFIGS["BiRefNet_HR"]
+RELEASED_CONFIGS["BiRefNet-HR-matting"] = RELEASED_CONFIGS["BiRefNet_HR-matting"]
 
 
 def get_preset(name: str) -> BiRefNetConfig:
-    if name in PRESETS:
-        return PRESETS[name]
+    """The config of a released checkpoint (`RELEASED_CONFIGS`), or the released decoder on a named
+    backbone (`BACKBONES`)."""
+    if name in RELEASED_CONFIGS:
+        return RELEASED_CONFIGS[name]
     if name in BACKBONES:
         return _released(name)
-    raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)} or a backbone name {sorted(BACKBONES)}")
+    raise KeyError(f"unknown preset {name!r}; known: {sorted(RELEASED_CONFIGS)} or a backbone name "
+                   f"{sorted(BACKBONES)}")
 
 
 __all__ = [
     "BACKBONES",
     "BACKBONE_KINDS",
     "NECK_CHANNELS",
-    "PRESETS",
+    "RELEASED_CONFIGS",
     "SINGLE_STRIDE_KINDS",
     "BackboneConfig",
     "BiRefNetConfig",
-    "PvtV2Config",
-    "ResNetConfig",
-    "SwinConfig",
-    "VggConfig",
     "backbone_name",
     "get_preset",
 ]

@@ -18,10 +18,12 @@ from flax import nnx
 
 from birefnet_jax.backbones import build_backbone
 from birefnet_jax.config import BiRefNetConfig
-from birefnet_jax.gradient import gradient_map
+from birefnet_jax.io.images import IMAGENET_MEAN, IMAGENET_STD
 from birefnet_jax.modules.blocks import build_block
-from birefnet_jax.modules.decoder import Decoder, image_to_patches
+from birefnet_jax.modules.decoder import Decoder
+from birefnet_jax.nn.laplacian import gradient_map
 from birefnet_jax.nn.layers import at_least_f32, resize_bilinear
+from birefnet_jax.nn.state import materialize_rng_state
 
 
 @jax.tree_util.register_dataclass
@@ -154,18 +156,6 @@ def abstract_model(cfg: BiRefNetConfig, dtype=None) -> BiRefNet:
     return nnx.eval_shape(lambda: BiRefNet(cfg, rngs=nnx.Rngs(0), dtype=dtype))
 
 
-def materialize_rng_state(model: nnx.Module, seed: int = 0) -> nnx.Module:
-    """Give a model made by `nnx.eval_shape` concrete RNG streams (dropout, drop path), derived
-    from `seed`; the eval-mode forward never draws from them."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.RngState))
-    for i, (_, var) in enumerate(flat):
-        if isinstance(var, nnx.RngKey):
-            var.set_value(jax.random.fold_in(jax.random.key(seed), i))
-        else:
-            var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
-    return model
-
-
 def random_model(cfg: BiRefNetConfig, dtype=None, seed: int = 0) -> BiRefNet:
     """The model with random weights drawn by NumPy into the abstract model: for benchmarks
     and smoke tests, in seconds where the modules' own initialisers need a long jitted
@@ -191,29 +181,22 @@ def random_model(cfg: BiRefNetConfig, dtype=None, seed: int = 0) -> BiRefNet:
     return materialize_rng_state(model, seed)
 
 
-def state_path_name(path, sep: str = ".") -> str:
-    """A pytree path of model state as a name ('bb.layers.0.blocks.1.attn.qkv.kernel'), without the
-    `.value` step of each Variable."""
-    parts = []
-    for entry in path:
-        if isinstance(entry, jax.tree_util.DictKey):
-            parts.append(str(entry.key))
-        elif isinstance(entry, jax.tree_util.SequenceKey):
-            parts.append(str(entry.idx))
-        elif isinstance(entry, jax.tree_util.GetAttrKey):
-            if entry.name != "value":
-                parts.append(entry.name)
-        else:
-            parts.append(str(entry))
-    return sep.join(parts)
+def eval_forward(graphdef, state, images, *, uint8: bool = False, probabilities: bool = False,
+                 layout: str = "NHWC"):
+    """The one eval-mode forward, for prediction, export and validation alike: `nnx.merge(graphdef,
+    state)` in eval mode on images (B, H, W, 3), NCHW with `layout='NCHW'`; `uint8` images are
+    normalised inside the program; returns logits (or `probabilities`) (B, H, W, 1). Pure in its
+    arguments, so it can be jitted or exported; the caller's module is never touched."""
+    if layout == "NCHW":
+        images = jnp.transpose(images, (0, 2, 3, 1))
+    if uint8:
+        images = (images.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    out = model(images)
+    if probabilities:
+        out = jax.nn.sigmoid(out)
+    return jnp.transpose(out, (0, 3, 1, 2)) if layout == "NCHW" else out
 
 
-def count_params(model: nnx.Module) -> int:
-    """Learnable parameters (BatchNorm running statistics excluded)."""
-    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-__all__ = [
-    "BiRefNet", "TrainOutputs", "abstract_model", "count_params", "image_to_patches", "materialize_rng_state",
-    "random_model", "set_remat", "state_path_name",
-]
+__all__ = ["BiRefNet", "TrainOutputs", "abstract_model", "eval_forward", "random_model", "set_remat"]

@@ -8,7 +8,8 @@ import os
 import jax
 import numpy as np
 
-from birefnet_jax.api import load, make_predict_fn
+from birefnet_jax.inference.predictor import make_predict_fn
+from birefnet_jax.loading import load
 
 DEFAULT_TOLERANCE = 1e-4
 

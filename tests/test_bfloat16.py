@@ -19,7 +19,8 @@ import pytest
 from flax import nnx
 from reference_models import REF, case_overrides, recipe_state_dict
 
-from birefnet_jax.api import Predictor, model_from_state_dict
+from birefnet_jax.inference.predictor import Predictor
+from birefnet_jax.loading import model_from_state_dict
 
 REL_L2 = 0.25  # measured 0.016-0.19
 MASK_AGREEMENT = 0.95  # measured 0.966-0.997

@@ -228,7 +228,8 @@ def _tiny_birefnet_config(embed_dim=16):
 
 def test_step_folder_is_a_model_checkpoint(tmp_path):
     from birefnet_jax.checkpoint import read_config
-    from birefnet_jax.model import abstract_model, materialize_rng_state, random_model
+    from birefnet_jax.model import abstract_model, random_model
+    from birefnet_jax.nn.state import materialize_rng_state
 
     cfg = _tiny_birefnet_config()
     model = random_model(cfg, seed=3)  # built, never run

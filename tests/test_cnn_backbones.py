@@ -23,7 +23,8 @@ from birefnet_jax.config import BACKBONES, BiRefNetConfig, ResNetConfig, VggConf
 from birefnet_jax.convert import infer_config, load_state_dict_into, model_to_state_dict, write_safetensors
 from birefnet_jax.convert.infer import ArchitectureError
 from birefnet_jax.convert.keymap import path_to_torch_key
-from birefnet_jax.model import abstract_model, count_params
+from birefnet_jax.model import abstract_model
+from birefnet_jax.nn.state import count_params
 from birefnet_jax.verify import relative_error
 
 REF = Path(__file__).parent / "reference"

@@ -5,14 +5,15 @@ import pytest
 from reference_models import MODEL_CASES, REF, case_meta, case_overrides, recipe_state_dict
 
 import birefnet_jax
-from birefnet_jax.api import model_from_state_dict
 from birefnet_jax.checkpoint import load_model, save_model
 from birefnet_jax.cli import main
 from birefnet_jax.config import BACKBONES, BiRefNetConfig, backbone_name
 from birefnet_jax.convert import ConversionError, infer_config, model_to_state_dict, read_state_dict
 from birefnet_jax.convert.infer import ArchitectureError
 from birefnet_jax.convert.io import CheckpointReadError
-from birefnet_jax.model import abstract_model, count_params
+from birefnet_jax.loading import model_from_state_dict
+from birefnet_jax.model import abstract_model
+from birefnet_jax.nn.state import count_params
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)

@@ -82,7 +82,8 @@ def test_random_model_fills_every_variable_without_initialisers():
     from flax import nnx
 
     from birefnet_jax.config import BACKBONES, BiRefNetConfig
-    from birefnet_jax.model import count_params, random_model
+    from birefnet_jax.model import random_model
+    from birefnet_jax.nn.state import count_params
 
     cfg = BiRefNetConfig(backbone=BACKBONES["pvt_v2_b0"], resolution=(256, 256))
     model = random_model(cfg, seed=3)

@@ -18,11 +18,12 @@ import pytest
 from flax import nnx
 from reference_models import state_dict_from_recipe, to_float64
 
-from birefnet_jax.backbones import PRESETS, build_backbone, detect, dinov3
+from birefnet_jax.backbones import BACKBONES, build_backbone, detect, dinov3
 from birefnet_jax.backbones.spec import ArchitectureError
 from birefnet_jax.convert import ConversionError, load_state_dict_into, write_safetensors
 from birefnet_jax.convert.keymap import path_to_torch_key
-from birefnet_jax.model import count_params, materialize_rng_state
+from birefnet_jax.convert.timm import dinov3_from_timm
+from birefnet_jax.nn.state import count_params, materialize_rng_state
 from birefnet_jax.verify import relative_error
 
 REF = Path(__file__).parent / "reference"
@@ -177,9 +178,9 @@ def test_presets_are_timms():
     """The six presets: timm's architecture, the original's out_indices, timm's parameter counts
     (shapes only: the 7B is never allocated)."""
     presets = _presets_meta()
-    assert set(presets) == {k for k in PRESETS if k.startswith("dino_v3")} == set(dinov3.PRESETS)
+    assert set(presets) == {k for k in BACKBONES if k.startswith("dino_v3")} == set(dinov3.PRESETS)
     for name, p in presets.items():
-        cfg, arch = PRESETS[name], p["features_only"]
+        cfg, arch = BACKBONES[name], p["features_only"]
         assert cfg.out_indices == tuple(p["out_indices"]) and cfg.depth == p["depth"], name
         ours = dict(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, head_dim=cfg.head_dim, blocks=cfg.num_blocks,
                     swiglu=cfg.swiglu, hidden_features=cfg.hidden_features, num_reg_tokens=cfg.num_reg_tokens,
@@ -245,7 +246,7 @@ def test_timm_checkpoint_loads(fmt, tmp_path):
     else:
         write_safetensors(sd, path)
     untold = _untold(case)
-    bb = dinov3.from_timm(path, num_heads=untold["num_heads"], out_indices=untold["out_indices"])
+    bb = dinov3_from_timm(path, num_heads=untold["num_heads"], out_indices=untold["out_indices"])
     assert bb.cfg.depth == 6 and bb.cfg.num_blocks == 5
     got = _backbone(case)
     for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(bb, nnx.Param)),
@@ -261,17 +262,17 @@ def test_timm_checkpoint_errors():
     bad = dict(sd, **{"blocks.1.mlp.fc2.weight": np.zeros((32, 100), np.float32), "pos_embed": np.zeros((1, 5, 32))})
     del bad["blocks.2.norm1.bias"]
     with pytest.raises(ConversionError) as e:
-        dinov3.from_timm(bad, **kw)
+        dinov3_from_timm(bad, **kw)
     msg = str(e.value)
     assert "blocks.1.mlp.fc2.weight: checkpoint (32, 100)" in msg
     assert "unexpected keys:\n  pos_embed" in msg
     assert "blocks.2.norm1.bias" in msg.partition("missing keys:")[2].partition("unexpected")[0]
     with pytest.raises(ArchitectureError, match="patch_embed.proj.weight"):
-        dinov3.from_timm({"layers.0.blocks.0.attn.qkv.weight": np.zeros((3, 1))}, **kw)
+        dinov3_from_timm({"layers.0.blocks.0.attn.qkv.weight": np.zeros((3, 1))}, **kw)
     with pytest.raises(ArchitectureError, match="Meta's original layout"):
-        dinov3.from_timm({"storage_tokens": np.zeros((1, 4, 32)), **sd}, **kw)
+        dinov3_from_timm({"storage_tokens": np.zeros((1, 4, 32)), **sd}, **kw)
     with pytest.raises(ArchitectureError, match="depth=5"):
-        dinov3.from_timm(sd, depth=5, **kw)
+        dinov3_from_timm(sd, depth=5, **kw)
 
 
 def test_input_size_must_be_multiple_of_16():

@@ -29,7 +29,8 @@ from birefnet_jax.config import BACKBONES, NECK_CHANNELS, BiRefNetConfig, get_pr
 from birefnet_jax.convert import infer_config, model_to_state_dict, write_safetensors
 from birefnet_jax.convert.infer import ArchitectureError
 from birefnet_jax.convert.keymap import _to_torch_layout, path_to_torch_key
-from birefnet_jax.model import abstract_model, count_params, random_model, state_path_name
+from birefnet_jax.model import abstract_model, random_model
+from birefnet_jax.nn.state import count_params, state_path_name
 from birefnet_jax.train.optim import OptimConfig, freeze_backbone_if, make_optimizer
 from birefnet_jax.verify import relative_error
 

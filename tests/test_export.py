@@ -26,8 +26,9 @@ import pytest
 from flax import nnx
 from reference_models import case_arrays, case_overrides, recipe_state_dict
 
-from birefnet_jax.api import IMAGENET_MEAN, IMAGENET_STD, model_from_state_dict, normalize
 from birefnet_jax.inference import export as ex
+from birefnet_jax.io.images import IMAGENET_MEAN, IMAGENET_STD, normalize
+from birefnet_jax.loading import model_from_state_dict
 from birefnet_jax.verify import relative_error
 
 SIZE = 64  # multiples of 32; the model runs at 64x64 (stride-32 features of 2x2, 1x1 at half scale)

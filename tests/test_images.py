@@ -1,4 +1,4 @@
-"""birefnet_jax.inference.images: decoding odd files, finding inputs, the two resizes."""
+"""birefnet_jax.io.images and io.resize, inference.inputs: decoding odd files, finding inputs, the two resizes."""
 
 from __future__ import annotations
 
@@ -11,31 +11,24 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from birefnet_jax.inference import images
-from birefnet_jax.inference.images import (
-    IMAGE_EXTENSIONS,
-    ImageReadError,
-    InputError,
-    image_size,
-    list_inputs,
-    read_image,
-    resize_align_corners,
-    resize_linear,
-)
+from birefnet_jax.inference.inputs import InputError, list_inputs
+from birefnet_jax.io import images, resize
+from birefnet_jax.io.images import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image
+from birefnet_jax.io.resize import resize_align_corners, resize_linear
 
 RNG = np.random.default_rng(0)
 PIL_LIMITS = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
 
 
 def test_light_imports():
-    """Only NumPy, PIL and the standard library at module level (decoding workers stay light)."""
-    tree = ast.parse(Path(images.__file__).read_text())
+    """Only NumPy, PIL and the standard library (decoding workers stay light)."""
     roots = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            roots.add(node.module.split(".")[0])
+    for module in (images, resize):
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+            if isinstance(node, ast.Import):
+                roots |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots.add(node.module.split(".")[0])
     assert roots <= {"__future__", "glob", "os", "re", "struct", "threading", "collections", "contextlib",
                      "dataclasses", "pathlib", "numpy", "PIL"}, roots
 
@@ -474,7 +467,7 @@ def test_resize_linear_like_opencv(src, dst, channels):
 def test_resize_linear_blocks_and_edges(monkeypatch):
     x = RNG.integers(0, 256, (203, 157, 3), dtype=np.uint8)
     whole = {dst: resize_linear(x, dst) for dst in [(50, 40), (611, 300), (203, 400)]}
-    monkeypatch.setattr(images, "_BLOCK_ELEMENTS", 1000)  # many small, uneven blocks
+    monkeypatch.setattr(resize, "_BLOCK_ELEMENTS", 1000)  # many small, uneven blocks
     for dst, expected in whole.items():
         np.testing.assert_array_equal(resize_linear(x, dst), expected)
     same = resize_linear(x, (203, 157))
@@ -525,7 +518,7 @@ def test_resize_align_corners_like_torch():
 
 def test_resize_align_corners_matches_model_taps(monkeypatch):
     """Same numbers as the model's taps applied whole (eval.py's way), in small blocks or not."""
-    from birefnet_jax.nn.layers import align_corners_taps
+    from birefnet_jax.io.resize import align_corners_taps
 
     x = RNG.random((77, 51), dtype=np.float32)
     c0, c1, fc = align_corners_taps(51, 700)

@@ -11,12 +11,13 @@ import pytest
 from PIL import Image
 
 import birefnet_jax
-from birefnet_jax.api import Predictor
 from birefnet_jax.cli import main
 from birefnet_jax.inference import predict
-from birefnet_jax.inference.images import read_image, resize_align_corners, resize_linear
-from birefnet_jax.inference.outputs import mask_to_uint8
+from birefnet_jax.inference.predictor import Predictor
 from birefnet_jax.inference.refine import refine_foreground_strips
+from birefnet_jax.io.images import read_image
+from birefnet_jax.io.masks import mask_to_uint8
+from birefnet_jax.io.resize import resize_align_corners, resize_linear
 
 RES = (64, 64)
 

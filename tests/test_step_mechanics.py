@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 from reference_models import recipe_state_dict
 
-from birefnet_jax.api import model_from_state_dict
 from birefnet_jax.convert import infer_config
+from birefnet_jax.loading import model_from_state_dict
 from birefnet_jax.model import TrainOutputs
 from birefnet_jax.nn.layers import BatchNorm2d
 from birefnet_jax.train.batchnorm import batchnorm_layers, set_train_mode

@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from birefnet_jax.checkpoint import save_model
-from birefnet_jax.config import PRESETS
-from birefnet_jax.model import random_model, state_path_name
+from birefnet_jax.config import RELEASED_CONFIGS
+from birefnet_jax.model import random_model
+from birefnet_jax.nn.state import state_path_name
 from birefnet_jax.train import losses
 from birefnet_jax.train.optim import OptimConfig
 from birefnet_jax.train.trainer import _optim_config, load_weights_into, model_config
@@ -31,7 +32,7 @@ def test_every_config_builds_its_model_and_optimiser(name):
     assert isinstance(opt, OptimConfig) and opt.task == c.task
     if name in TASK_FILES:
         assert c.task == TASK_FILES[name]
-        assert cfg == PRESETS["BiRefNet"].replace(resolution=cfg.resolution)  # Swin-L, the released decoder
+        assert cfg == RELEASED_CONFIGS["BiRefNet"].replace(resolution=cfg.resolution)  # Swin-L, the released decoder
         assert c.epochs > 100 and losses.lambdas_for_epoch(1, c.epochs, c.task) == dict(losses.LAMBDAS_PIX_LAST[c.task])
     if name == "general_2k":
         assert tuple(c.data.size) == (1440, 2560)

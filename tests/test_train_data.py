@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from birefnet_jax.io.images import IMAGENET_MEAN, IMAGENET_STD
 from birefnet_jax.train.data.folders import (
     DIS5K_CLASSES,
     DatasetError,
@@ -21,18 +22,12 @@ from birefnet_jax.train.data.folders import (
     load_image,
     load_mask,
 )
-from birefnet_jax.train.data.pipeline import (
-    DEFAULT_AUGMENT,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TrainPipeline,
-    make_train_iterator,
-)
-from birefnet_jax.train.data.sizes import SizeBuckets
+from birefnet_jax.train.data.pipeline import DEFAULT_AUGMENT, TrainPipeline, make_train_iterator
+from birefnet_jax.train.data.sizes import TrainingSizes
 
 H, W = 64, 96
 TASK = "DIS5K"
-SMALL_SIZES = SizeBuckets.dynamic((32, 128), per_side=3)  # 32, 64 (rounded from 80), 128 each side
+SMALL_SIZES = TrainingSizes.dynamic((32, 128), per_side=3)  # 32, 64 (rounded from 80), 128 each side
 
 
 def _pattern(i: int, size=(H, W)) -> np.ndarray:
@@ -195,7 +190,7 @@ def test_class_labels_from_names(tmp_path):
 
 
 def test_dynamic_sizes_are_buckets_deterministic_and_spread():
-    buckets = SizeBuckets.dynamic()
+    buckets = TrainingSizes.dynamic()
     sides = (256, 768, 1280, 1792, 2304)
     assert set(buckets.sizes) == {(h, w) for h in sides for w in sides}
     assert all(h % 32 == 0 and w % 32 == 0 for h, w in buckets.sizes)
@@ -206,24 +201,24 @@ def test_dynamic_sizes_are_buckets_deterministic_and_spread():
     drawn = [buckets.size_for_step(7, s) for s in range(3000)]
     assert set(drawn) <= set(buckets.sizes)
     assert len(set(drawn)) == 25
-    again = SizeBuckets.dynamic()  # a restart, another host
+    again = TrainingSizes.dynamic()  # a restart, another host
     assert drawn == [again.size_for_step(7, s) for s in range(3000)]
     assert drawn != [buckets.size_for_step(8, s) for s in range(3000)]
     freq = np.array([drawn.count(s) for s in buckets.sizes]) / len(drawn)
     assert np.abs(freq - np.array(buckets.weights)).max() < 0.02
 
-    uniform = SizeBuckets.dynamic(weighting="uniform")
+    uniform = TrainingSizes.dynamic(weighting="uniform")
     assert np.allclose(uniform.weights, 1 / 25)
-    assert len(SizeBuckets.dynamic(per_side=9)) == 81 and {h for h, _ in SizeBuckets.dynamic(per_side=9)} == set(
+    assert len(TrainingSizes.dynamic(per_side=9)) == 81 and {h for h, _ in TrainingSizes.dynamic(per_side=9)} == set(
         range(256, 2305, 256)
     )
-    fixed = SizeBuckets.fixed()
+    fixed = TrainingSizes.fixed()
     assert fixed.is_fixed and {fixed.size_for_step(0, s) for s in range(50)} == {(1024, 1024)}
-    assert SizeBuckets.fixed((1440, 2560)).sizes == ((1440, 2560),)
+    assert TrainingSizes.fixed((1440, 2560)).sizes == ((1440, 2560),)
     with pytest.raises(ValueError, match="multiple of 32"):
-        SizeBuckets.fixed((1000, 1024))
+        TrainingSizes.fixed((1000, 1024))
     with pytest.raises(ValueError, match="multiple of 32"):
-        SizeBuckets.dynamic((250, 2304))
+        TrainingSizes.dynamic((250, 2304))
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -293,7 +288,7 @@ def test_batches_shapes_normalisation_and_alignment(tmp_path):
     for i in range(6):
         _write_example(tmp_path, "C", f"{i}#G#1#{DIS5K_CLASSES[i * 30]}#x", i)
     pairs = find_pairs(tmp_path, TASK, "C", class_labels=True)
-    pipe = _pipeline(pairs, augment=None, global_batch_size=3, sizes=SizeBuckets.dynamic((32, 160), per_side=2))
+    pipe = _pipeline(pairs, augment=None, global_batch_size=3, sizes=TrainingSizes.dynamic((32, 160), per_side=2))
     for step, batch in enumerate(_take(pipe.iterator(), 4)):
         h, w = pipe.size_for_step(step)
         assert batch["image"].dtype == np.float32 and batch["image"].shape == (3, h, w, 3)
@@ -325,11 +320,11 @@ def test_fixed_size_resizes_before_augmenting(ten):
         seen.append(image.shape)
         return image, mask
 
-    pipe = _pipeline(pairs, augment=spy, sizes=SizeBuckets.fixed((64, 32)))
+    pipe = _pipeline(pairs, augment=spy, sizes=TrainingSizes.fixed((64, 32)))
     batch = pipe.load_batch(0)
     assert batch["image"].shape == (4, 64, 32, 3) and set(seen) == {(64, 32, 3)}
     seen.clear()
-    _pipeline(pairs, augment=spy, sizes=SizeBuckets.fixed((64, 32)), resize_before_augment=False).load_batch(0)
+    _pipeline(pairs, augment=spy, sizes=TrainingSizes.fixed((64, 32)), resize_before_augment=False).load_batch(0)
     assert set(seen) == {(H, W, 3)}
 
 

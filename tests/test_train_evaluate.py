@@ -12,13 +12,13 @@ from PIL import Image
 pytest.importorskip("cv2")
 pytest.importorskip("skimage")
 
-from birefnet_jax.inference.images import resize_align_corners, resize_linear  # noqa: E402
-from birefnet_jax.inference.outputs import mask_to_uint8  # noqa: E402
+from birefnet_jax.io.images import normalize  # noqa: E402
+from birefnet_jax.io.masks import mask_to_uint8  # noqa: E402
+from birefnet_jax.io.resize import resize_align_corners, resize_linear  # noqa: E402
 from birefnet_jax.metrics import ALL_METRICS, Evaluator, evaluate_pair  # noqa: E402
 from birefnet_jax.nn.layers import BatchNorm2d  # noqa: E402
 from birefnet_jax.train.batchnorm import set_train_mode  # noqa: E402
 from birefnet_jax.train.data.folders import Pair  # noqa: E402
-from birefnet_jax.train.data.pipeline import normalize_image  # noqa: E402
 from birefnet_jax.train.evaluate import (  # noqa: E402
     DEFAULT_METRICS,
     HIGHER_IS_BETTER,
@@ -110,7 +110,7 @@ def test_metrics_equal_the_evaluator_on_the_same_predictions(tmp_path):
     model.eval()
     for pair, gt, pred in zip(pairs, val.gts, result.preds, strict=True):
         small = resize_linear(np.asarray(Image.open(pair.image).convert("RGB")), SIZE)
-        prob = np.asarray(jax.nn.sigmoid(model(jnp.asarray(normalize_image(small)[None]))))[0, ..., 0]
+        prob = np.asarray(jax.nn.sigmoid(model(jnp.asarray(normalize(small)[None]))))[0, ..., 0]
         expected = mask_to_uint8(resize_align_corners(prob, gt.shape))
         assert np.abs(expected.astype(int) - pred).max() <= 1
         assert (expected == pred).mean() > 0.99

@@ -17,9 +17,9 @@ import numpy as np
 from flax import nnx
 from reference_models import REF, recipe_state_dict, to_float64
 
-from birefnet_jax.api import model_from_state_dict
 from birefnet_jax.convert import infer_config, model_to_state_dict
-from birefnet_jax.gradient import gradient_map
+from birefnet_jax.loading import model_from_state_dict
+from birefnet_jax.nn.laplacian import gradient_map
 from birefnet_jax.train.losses import LAMBDAS_PIX_LAST
 from birefnet_jax.train.step import loss_fn
 from birefnet_jax.verify import relative_error

@@ -95,7 +95,7 @@ def _final_params(workdir: Path) -> dict[str, np.ndarray]:
     from flax import nnx
 
     from birefnet_jax import load
-    from birefnet_jax.model import state_path_name
+    from birefnet_jax.nn.state import state_path_name
 
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     model = load(workdir / "checkpoints" / str(steps[-1]))

@@ -14,11 +14,12 @@ import pytest
 from reference_models import REF, recipe_state_dict
 
 import birefnet_jax
-from birefnet_jax.api import Predictor, make_predict_fn, normalize
 from birefnet_jax.checkpoint import CheckpointError, save_model
 from birefnet_jax.cli import build_parser, main
 from birefnet_jax.convert import infer_config, write_safetensors
 from birefnet_jax.convert.infer import ArchitectureError
+from birefnet_jax.inference.predictor import Predictor, make_predict_fn
+from birefnet_jax.io.images import normalize
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

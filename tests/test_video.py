@@ -11,7 +11,8 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
-from birefnet_jax.inference import SizePolicy, predict, video  # noqa: E402
+from birefnet_jax.inference import predict, video  # noqa: E402
+from birefnet_jax.inference.buckets import SizePolicy  # noqa: E402
 from birefnet_jax.inference.pipeline import PredictSummary  # noqa: E402
 
 FRAMES, WIDTH, HEIGHT, FPS = 12, 96, 64, 7.5
@@ -23,7 +24,8 @@ RESOLUTION = (64, 64)
 def predictor():
     from reference_models import recipe_state_dict
 
-    from birefnet_jax.api import Predictor, model_from_state_dict
+    from birefnet_jax.inference.predictor import Predictor
+    from birefnet_jax.loading import model_from_state_dict
 
     return Predictor(model_from_state_dict(recipe_state_dict("swin_nobn")))
 

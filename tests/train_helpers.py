@@ -55,7 +55,7 @@ def one_step(mesh, config=None, data=None):
     import jax.experimental.multihost_utils
     import optax
 
-    from birefnet_jax.model import state_path_name
+    from birefnet_jax.nn.state import state_path_name
     from birefnet_jax.train.batchnorm import set_train_mode
     from birefnet_jax.train.sharding import batch_sharding, global_batch, shard_training_state
     from birefnet_jax.train.step import make_train_step

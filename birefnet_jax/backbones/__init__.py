@@ -17,7 +17,9 @@ TABLE: dict[str, BackboneSpec] = {spec.kind: spec for spec in (swin.SPEC, pvt_v2
                                                                 dinov3.SPEC)}
 
 # Every named backbone config, as the original names them (`config.bb`).
-PRESETS = {name: cfg for spec in TABLE.values() for name, cfg in spec.presets.items()}
+BACKBONES = {name: cfg for spec in TABLE.values() for name, cfg in spec.presets.items()}
+# Each family's config class by its name (`SwinConfig`, ...): what the package re-exports.
+CONFIG_CLASSES: dict[str, type] = {spec.config.__name__: spec.config for spec in TABLE.values()}
 
 
 def spec_of(kind: str) -> BackboneSpec:
@@ -42,4 +44,6 @@ def detect(state_dict) -> BackboneSpec:
         f"({', '.join(s.key for s in TABLE.values())}) is present; first keys: {sample}")
 
 
-__all__ = ["PRESETS", "TABLE", "ArchitectureError", "BackboneSpec", "build_backbone", "detect", "spec_of"]
+__all__ = [
+    "BACKBONES", "CONFIG_CLASSES", "TABLE", "ArchitectureError", "BackboneSpec", "build_backbone", "detect", "spec_of",
+]

@@ -25,7 +25,7 @@ wrapper does:
 
 The module tree follows timm's names (`DinoV3.model` is the wrapped ViT, as in timm's
 `FeatureGetterNet`), so BiRefNet keys (`bb.model.blocks.0.attn.qkv.weight`) and timm's own keys
-(`blocks.0.attn.qkv.weight`, see `load_timm_state_dict`) map mechanically.
+(`blocks.0.attn.qkv.weight`, see `birefnet_jax.convert.timm`) map mechanically.
 """
 
 from __future__ import annotations
@@ -467,42 +467,16 @@ _PRUNED = re.compile(r"^(norm|fc_norm|head|attn_pool|head_drop)\.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-def load_timm_state_dict(model: DinoV3, sd) -> DinoV3:
-    """Fill `model` from a timm-layout DINOv3 state dict (`vit_*_patch16_dinov3` weights), strictly.
-
-    Keys that `features_only` prunes (final norm, head, blocks after the last out index) are
-    dropped, as timm drops them; any other key must fill a parameter of the right shape, and every
-    parameter must be filled, or `ConversionError` lists the missing, unexpected and mis-shaped
-    keys. Returns the model (updated in place)."""
-    from birefnet_jax.convert.keymap import ConversionError, load_state_dict_into
-
+def timm_filter(sd, num_blocks: int) -> dict:
+    """The keys of a whole timm DINOv3 state dict that a features_only model with `num_blocks` blocks
+    keeps (timm drops the final norm, pooling, head and the blocks after the last out index)."""
     kept = {}
     for key, value in sd.items():
         m = _BLOCK.match(key)
-        if _PRUNED.match(key) or (m and int(m.group(1)) >= model.cfg.num_blocks):
+        if _PRUNED.match(key) or (m and int(m.group(1)) >= num_blocks):
             continue
         kept[key] = value
-    try:
-        load_state_dict_into(model.model, kept)
-    except ConversionError as e:
-        detail = str(e).partition("\n")[2]  # the lists, without the BiRefNet-specific advice
-        raise ConversionError(f"the timm DINOv3 checkpoint does not fit {model.cfg} (weights of another "
-                              f"architecture, or wrong num_heads / out_indices / depth overrides):\n{detail}") from None
-    return model
-
-
-def from_timm(source, *, dtype=None, seed: int = 0, **overrides) -> DinoV3:
-    """The backbone from released DINOv3 weights in timm's layout: a `.safetensors` / `.pth` path
-    or a state dict. The architecture comes from the keys (presets get BiRefNet's out_indices;
-    `overrides` as for `infer_config_timm`); dropout streams are seeded with `seed`."""
-    from birefnet_jax.convert.io import read_state_dict
-    from birefnet_jax.model import materialize_rng_state
-
-    sd = source if isinstance(source, dict) else read_state_dict(source)
-    cfg = infer_config_timm(sd, **overrides)
-    model = nnx.eval_shape(lambda: DinoV3(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    load_timm_state_dict(model, sd)
-    return materialize_rng_state(model, seed)
+    return kept
 
 
 SPEC = BackboneSpec(kind="dinov3", config=DinoV3Config, module=DinoV3, presets=PRESETS,

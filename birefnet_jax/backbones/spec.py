@@ -12,6 +12,17 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class DerivedBuffer:
+    """A buffer the original saves that is a pure function of a parameter beside it, so it is no
+    variable here: checked against that function when a state dict is read, recreated when one is
+    written (Swin's `relative_position_index`, from its bias table)."""
+
+    name: str  # the buffer's leaf key, e.g. "relative_position_index"
+    source: str  # leaf key of the parameter in the same module, in the original's layout
+    compute: Callable[[np.ndarray], np.ndarray]  # source value -> the buffer's value
+
+
+@dataclasses.dataclass(frozen=True)
 class BackboneSpec:
     """One backbone family.
 
@@ -23,6 +34,7 @@ class BackboneSpec:
     infer: state dict (+ overrides the weights cannot tell, e.g. `num_heads`) -> config.
     stagewise: the original runs it stage by stage, so its whole-backbone `add` multi-scale input
       cannot run with it.
+    derived_buffers: buffers of the original's state dict that this family derives instead of storing.
     """
 
     kind: str
@@ -32,6 +44,7 @@ class BackboneSpec:
     key: str
     infer: Callable[..., object]
     stagewise: bool = False
+    derived_buffers: tuple[DerivedBuffer, ...] = ()
 
 
 def count_indices(keys, pattern: str) -> int:

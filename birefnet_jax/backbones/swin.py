@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from birefnet_jax.backbones.spec import BackboneSpec, count_indices, shape_of
+from birefnet_jax.backbones.spec import BackboneSpec, DerivedBuffer, count_indices, shape_of
 from birefnet_jax.nn.layers import Mlp, at_least_f32, conv2d
 from birefnet_jax.nn.scan import apply_blocks, block_caller
 
@@ -223,5 +223,12 @@ def infer_config(sd) -> SwinConfig:
                       mlp_ratio=hidden / embed)
 
 
+def _index_for_table(table: np.ndarray) -> np.ndarray:
+    """The relative-position index that goes with a bias table of (2w - 1)^2 rows."""
+    return relative_position_index(int(round((np.sqrt(table.shape[0]) + 1) / 2)))
+
+
 SPEC = BackboneSpec(kind="swin_v1", config=SwinConfig, module=SwinTransformer, presets=PRESETS,
-                    key="bb.layers.0.blocks.0.attn.qkv.weight", infer=infer_config)
+                    key="bb.layers.0.blocks.0.attn.qkv.weight", infer=infer_config,
+                    derived_buffers=(DerivedBuffer("relative_position_index", "relative_position_bias_table",
+                                                   _index_for_table),))

@@ -9,7 +9,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from birefnet_jax.files import atomic_path
+from birefnet_jax.io.files import atomic_path
 
 PREFIXES = ("module.", "_orig_mod.")
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "net")

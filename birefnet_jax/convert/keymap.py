@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from birefnet_jax.backbones.swin import relative_position_index
+from birefnet_jax.backbones import TABLE
 
 
 class ConversionError(ValueError):
@@ -45,7 +45,9 @@ _RENAMES = [_rule(src, dst) for src, dst in _MODULE_NAMES]
 _INVERSE = [_rule(dst, src) for src, dst in _MODULE_NAMES]
 _LEAF = {"running_mean": "mean", "running_var": "var"}
 _LEAF_INV = {"mean": "running_mean", "var": "running_var", "kernel": "weight", "scale": "weight"}
-DERIVED_BUFFER = "relative_position_index"
+# Buffers the original stores that a backbone derives from a parameter (per-family hooks).
+_DERIVED = {d.name: d for spec in TABLE.values() for d in spec.derived_buffers}
+_DERIVED_FROM = {d.source: d for d in _DERIVED.values()}
 
 
 def _sub_all(path: str, rules) -> str:
@@ -108,14 +110,14 @@ def load_state_dict_into(model: nnx.Module, state_dict: dict[str, np.ndarray]) -
     updates = {}
     for key, value in state_dict.items():
         value = np.asarray(value)
-        if key.endswith("." + DERIVED_BUFFER):
-            table = key[: -len(DERIVED_BUFFER)] + "relative_position_bias_table"
-            if table not in state_dict:
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in _DERIVED:
+            derived = _DERIVED[leaf]
+            source = f"{prefix}.{derived.source}" if prefix else derived.source
+            if source not in state_dict:
                 unexpected.append(key)
-                continue
-            window = int(round((np.sqrt(state_dict[table].shape[0]) + 1) / 2))
-            if not np.array_equal(value, relative_position_index(window)):
-                bad_buffers.append(key)
+            elif not np.array_equal(value, derived.compute(np.asarray(state_dict[source]))):
+                bad_buffers.append(f"{key} (not what {derived.source} implies)")
             continue
         path = torch_key_to_path(key, targets)
         if path is None:
@@ -133,7 +135,7 @@ def load_state_dict_into(model: nnx.Module, state_dict: dict[str, np.ndarray]) -
     if missing or unexpected or misshaped or bad_buffers:
         parts = []
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", misshaped), ("wrong relative_position_index", bad_buffers)):
+                             ("shape mismatches", misshaped), ("wrong derived buffers", bad_buffers)):
             if items:
                 shown = "\n  ".join(items[:40]) + (f"\n  ... and {len(items) - 40} more" if len(items) > 40 else "")
                 parts.append(f"{len(items)} {title}:\n  {shown}")
@@ -154,7 +156,8 @@ def model_to_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
         if path[-1] == "num_batches_tracked":
             value = value.astype(np.int64)
         out[key] = np.array(_to_torch_layout(value, path[-1]), order="C")
-        if path[-1] == "relative_position_bias_table":
-            window = int(round((np.sqrt(value.shape[0]) + 1) / 2))
-            out[key[: -len("relative_position_bias_table")] + DERIVED_BUFFER] = relative_position_index(window)
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in _DERIVED_FROM:
+            derived = _DERIVED_FROM[leaf]
+            out[f"{prefix}.{derived.name}" if prefix else derived.name] = derived.compute(out[key])
     return out

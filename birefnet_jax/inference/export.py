@@ -16,9 +16,8 @@ sorted as `nnx.state` flattens them); that order is written to the sidecar (`wei
 the .npz holds the arrays under those names. Use it to swap weights without re-exporting, or to
 keep the program small.
 
-Only the standard library, NumPy and JAX are imported at module level, so `load_exported` runs in a
-process that never imports `birefnet_jax` (copy this file, or load it by path); the export side
-imports the model code when called.
+`load_exported` lives in `birefnet_jax.inference.exported`, which imports nothing of this package,
+so a serving process can run a program without it.
 """
 
 from __future__ import annotations
@@ -34,16 +33,23 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from birefnet_jax._optional import require
+from birefnet_jax.inference.exported import (
+    FORMAT,
+    FORMAT_VERSION,
+    load_exported,
+    sidecar_paths,
+)
+from birefnet_jax.io.files import atomic_path, umask
+from birefnet_jax.io.images import IMAGENET_MEAN, IMAGENET_STD
+from birefnet_jax.model import BiRefNet, abstract_model, eval_forward
+from birefnet_jax.nn.state import state_path_name
 
 if TYPE_CHECKING:
     import argparse
 
-    from birefnet_jax.model import BiRefNet
-
-FORMAT = "birefnet-jax-export"
-FORMAT_VERSION = 1
-SIDECAR_SUFFIX = ".json"
-WEIGHTS_SUFFIX = ".weights.npz"
 WEIGHTS_MODES = ("embedded", "argument")
 LAYOUTS = ("NHWC", "NCHW")
 
@@ -72,13 +78,9 @@ def _check_options(batch, resolution, weights, layout) -> tuple[int, int]:
 
 def _with_dtype(model: BiRefNet, dtype):
     """The model itself, or a copy rebuilt with compute dtype `dtype` sharing its arrays (parameters
-    stay float32, as `birefnet_jax.api.load(dtype=...)` builds them)."""
+    stay float32, as `birefnet_jax.load(dtype=...)` builds them)."""
     if dtype is None or jnp.dtype(dtype) == jnp.dtype(model.dtype or jnp.float32):
         return model
-    from flax import nnx
-
-    from birefnet_jax.model import abstract_model
-
     copy = abstract_model(model.cfg, dtype=getattr(jnp, jnp.dtype(dtype).name))
     nnx.update(copy, nnx.state(model))
     return copy
@@ -87,20 +89,15 @@ def _with_dtype(model: BiRefNet, dtype):
 def _forward_fn(model: BiRefNet, *, dtype, uint8_input: bool, layout: str):
     """(forward(weight_leaves, images), names, leaves): the eval forward of a merged copy of the model
     taking its parameters as a flat list, so the caller's model is never switched or changed."""
-    from flax import nnx
-
-    from birefnet_jax.model import state_path_name
-
     graphdef, weights, rest = nnx.split(_with_dtype(model, dtype), (nnx.Param, nnx.BatchStat), ...)
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(weights)
     names = [state_path_name(p) for p, _ in with_paths]
     leaves = [leaf for _, leaf in with_paths]
 
-    from birefnet_jax.api import _forward
 
     def forward(weight_leaves, images):
         state = nnx.merge_state(jax.tree.unflatten(treedef, list(weight_leaves)), rest)
-        return _forward(graphdef, state, images, uint8=uint8_input, probabilities=uint8_input, layout=layout)
+        return eval_forward(graphdef, state, images, uint8=uint8_input, probabilities=uint8_input, layout=layout)
 
     return forward, names, leaves
 
@@ -160,8 +157,6 @@ def export_metadata(model: BiRefNet, *, batch: int | None = 1, resolution: tuple
     resolution = tuple(model.cfg.resolution) if resolution is None else resolution
     h, w = _check_options(batch, resolution, weights, layout)
     compute = jnp.dtype(dtype if dtype is not None else (model.dtype or jnp.float32)).name
-    from birefnet_jax.api import IMAGENET_MEAN, IMAGENET_STD
-
     return {
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
         "layout": layout,
@@ -181,17 +176,8 @@ def export_metadata(model: BiRefNet, *, batch: int | None = 1, resolution: tuple
 # Files
 
 
-def sidecar_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(sidecar JSON, weights .npz) that go with the program at `path`."""
-    path = Path(path)
-    return path.with_name(path.name + SIDECAR_SUFFIX), path.with_name(path.name + WEIGHTS_SUFFIX)
-
-
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """`write(file)` through `birefnet_jax.files.atomic_path` (imported here, on the export side, so
-    that the loader above stays importable without the package)."""
-    from birefnet_jax.files import atomic_path
-
+    """`write(file)` through `atomic_path`: nothing partial under the final name."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
 
@@ -271,49 +257,6 @@ def export_to_file(model: BiRefNet, path: str | os.PathLike, **options) -> Path:
     return save_exported(exported, path, weights=weights, metadata=metadata)
 
 
-def load_exported(path: str | os.PathLike, *, compiler_options: dict[str, Any] | None = None
-                  ) -> Callable[[Any], jax.Array]:
-    """A jitted `images -> outputs` function from a saved program, using only `jax.export`,
-    NumPy and JSON (no Flax, no model code): what a serving process needs.
-
-    Weights of a weights="argument" export are read from the .npz beside it, in the sidecar's
-    order, and put on the device once. `compiler_options` go to XLA (`jax.jit`'s), e.g.
-    `{"xla_backend_optimization_level": 0}` to compile ~3x faster on CPU where start-up matters
-    more than speed. The function has `.exported` and `.metadata` attributes.
-    """
-    path = Path(path)
-    exported = jax.export.deserialize(bytearray(path.read_bytes()))
-    sidecar, _ = sidecar_paths(path)
-    metadata = json.loads(sidecar.read_text()) if sidecar.exists() else {}
-    n_weights = len(exported.in_avals) - 1
-    call = jax.jit(exported.call, compiler_options=compiler_options)
-    if exported.in_tree.num_leaves == 1:
-        def predict(images):
-            return call(images)
-    else:
-        if metadata.get("weights") != "argument":
-            raise FileNotFoundError(f"{path} takes its weights as an argument but {sidecar} (which names the "
-                                    "weights file and order) is missing or says otherwise")
-        weights_path = path.with_name(metadata["weights_file"])
-        with np.load(weights_path) as npz:
-            arrays = [npz[name] for name in metadata["weights_order"]]
-        weights = []
-        for name, a, dtype, aval in zip(metadata["weights_order"], arrays, metadata["weights_dtypes"],
-                                        exported.in_avals[:n_weights], strict=True):
-            a = a.view(jnp.dtype(dtype)) if a.dtype != jnp.dtype(dtype) else a
-            if a.shape != tuple(aval.shape) or a.dtype != aval.dtype:
-                raise ValueError(f"{weights_path}: {name!r} is {a.shape} {a.dtype}, the program expects "
-                                 f"{aval.shape} {aval.dtype} (weights from another export?)")
-            weights.append(jax.device_put(a))
-
-        def predict(images):
-            return call(weights, images)
-
-    predict.exported = exported
-    predict.metadata = metadata
-    return predict
-
-
 # --------------------------------------------------------------------------------------------------
 # TensorFlow SavedModel
 
@@ -340,7 +283,6 @@ def export_saved_model(model: BiRefNet, directory: str | os.PathLike, *, batch: 
     Written into a temporary folder and renamed when complete; `overwrite` replaces only a
     folder that is a SavedModel. Needs TensorFlow (`pip install 'birefnet-jax[train]'`).
     """
-    from birefnet_jax._optional import require
 
     tf = require("tensorflow", "export_saved_model (TF SavedModel export)")
     from jax.experimental import jax2tf
@@ -374,8 +316,6 @@ def export_saved_model(model: BiRefNet, directory: str | os.PathLike, *, batch: 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        from birefnet_jax.files import umask
-
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
         tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve})
         meta = export_metadata(model, batch=batch, resolution=(h, w), dtype=dtype, weights="argument",
@@ -453,7 +393,7 @@ def run_export(args: argparse.Namespace) -> int:
         if existing and not args.force:
             raise FileExistsError(f"{existing[0]} exists (use --force to replace it)")
 
-    from birefnet_jax.api import load
+    from birefnet_jax.loading import load
 
     overrides = {}  # architecture flags, if the command line offers them (see cli._add_arch_flags)
     if getattr(args, "mul_scl_ipt", None) is not None:

@@ -22,23 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from birefnet_jax.inference.buckets import SizePolicy, parse_size
-from birefnet_jax.inference.images import (
-    DEFAULT_MAX_PIXELS,
-    VIDEO_EXTENSIONS,
-    InputItem,
-    list_inputs,
-    read_image,
-    resize_align_corners,
-    resize_linear,
-)
-from birefnet_jax.inference.outputs import (
-    OutputPaths,
-    mask_to_uint8,
-    plan_outputs,
-    remove_stale_temporaries,
-    write_npy,
-    write_png,
-)
+from birefnet_jax.inference.inputs import InputItem, list_inputs
+from birefnet_jax.inference.outputs import OutputPaths, plan_outputs, remove_stale_temporaries
+from birefnet_jax.io.images import DEFAULT_MAX_PIXELS, VIDEO_EXTENSIONS, read_image
+from birefnet_jax.io.masks import mask_to_uint8, write_npy, write_png
+from birefnet_jax.io.resize import resize_align_corners, resize_linear
 
 
 @dataclasses.dataclass
@@ -89,7 +77,7 @@ class _Prepared:
 
 
 def _resolve_predictor(model, dtype, devices):
-    from birefnet_jax.api import Predictor
+    from birefnet_jax.inference.predictor import Predictor
     from birefnet_jax.model import BiRefNet
 
     if isinstance(model, Predictor):
@@ -108,7 +96,7 @@ def _cached_predictor(spec: str, stamp, dtype: str | None, device_ids):
     weights and compiled programs (two kept: a model's weights can be large)."""
     import jax
 
-    from birefnet_jax.api import load_predictor
+    from birefnet_jax.inference.predictor import load_predictor
 
     devices = None if device_ids is None else [d for d in jax.local_devices() if d.id in device_ids]
     return load_predictor(spec, dtype=None if dtype is None else jax.numpy.dtype(dtype), devices=devices)
@@ -312,7 +300,7 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, outp
 
 
 def _reason(e: BaseException) -> str:
-    from birefnet_jax.inference.images import ImageReadError
+    from birefnet_jax.io.images import ImageReadError
 
     if isinstance(e, ImageReadError):
         return e.reason

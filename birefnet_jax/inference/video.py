@@ -52,10 +52,12 @@ from pathlib import Path
 
 import numpy as np
 
-from birefnet_jax.files import umask
 from birefnet_jax.inference.buckets import SizePolicy
-from birefnet_jax.inference.images import InputItem, resize_align_corners, resize_linear
-from birefnet_jax.inference.outputs import mask_to_uint8, mirror_paths
+from birefnet_jax.inference.inputs import InputItem
+from birefnet_jax.inference.outputs import mirror_paths
+from birefnet_jax.io.files import umask
+from birefnet_jax.io.masks import mask_to_uint8
+from birefnet_jax.io.resize import resize_align_corners, resize_linear
 
 VIDEO_KINDS: tuple[str, ...] = ("mask", "cutout")
 _SUFFIX = {"mask": "_mask.mkv", "cutout": "_cutout.mkv"}

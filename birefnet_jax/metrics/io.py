@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import cv2
 import numpy as np
 
-from birefnet_jax.inference.images import IMAGE_EXTENSIONS
+from birefnet_jax.io.images import IMAGE_EXTENSIONS
 
 
 class PairingError(ValueError):

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from birefnet_jax.io.resize import align_corners_taps
+
 
 def conv2d(
     in_ch: int,
@@ -134,18 +136,6 @@ def apply_opt(module, x):
 
 
 @lru_cache(maxsize=256)
-def align_corners_taps(n_in: int, n_out: int, double: bool = False):
-    """Source indices and weights of 1D linear interpolation with aligned corners."""
-    # In the input's precision, as PyTorch computes the source coordinates.
-    ft = np.float64 if double else np.float32
-    scale = ft(0.0) if n_out == 1 else ft(n_in - 1) / ft(n_out - 1)
-    src = np.arange(n_out, dtype=ft) * scale
-    i0 = np.clip(np.floor(src).astype(np.int32), 0, n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = (src - i0.astype(ft)).astype(ft)
-    return i0, i1, frac
-
-
 def _resize_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
     n_in = x.shape[axis]
     if n_in == n_out:

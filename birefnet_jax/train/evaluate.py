@@ -51,11 +51,12 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
-from birefnet_jax.files import atomic_path
-from birefnet_jax.inference.images import resize_align_corners, resize_linear
-from birefnet_jax.inference.outputs import mask_to_uint8, write_png
+from birefnet_jax.io.files import atomic_path
+from birefnet_jax.io.masks import mask_to_uint8, write_png
+from birefnet_jax.io.resize import resize_align_corners, resize_linear
+from birefnet_jax.metrics import ALL_METRICS, Evaluator, evaluate_pair, skeleton_of
+from birefnet_jax.model import eval_forward
 from birefnet_jax.train.data.folders import Pair, load_image, load_mask
-from birefnet_jax.train.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 
 # Metric switches of `birefnet_jax.metrics` (the original's names) validated by default.
 DEFAULT_METRICS: tuple[str, ...] = ("S", "WF", "MAE", "HCE")
@@ -83,13 +84,6 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 MODE_ATTRIBUTES: tuple[str, ...] = ("deterministic", "use_running_average")
 
 _ALIASES = {"wF": "WF", "wf": "WF", "Smeasure": "S", "mae": "MAE", "hce": "HCE"}
-
-ApplyFn = Callable[[nnx.Module, jax.Array], jax.Array]
-
-
-def _default_apply(model: nnx.Module, images: jax.Array) -> jax.Array:
-    return model(images)
-
 
 def _metric_key(name: str) -> str:
     return name.split("/")[-1]
@@ -144,17 +138,10 @@ def eval_mode(model: nnx.Module) -> Iterator[nnx.Module]:
 # The validator
 
 
-def _forward(graphdef, apply_fn: ApplyFn, counter: list[int], state, images):
-    """uint8 (B, h, w, 3) -> float32 probabilities (B, h, w), eval mode, on a merged copy."""
+def _forward(graphdef, counter: list[int], state, images):
+    """uint8 (B, h, w, 3) -> float32 probabilities (B, h, w): the package's one eval-mode forward."""
     counter[0] += 1  # runs once per trace
-    x = images.astype(jnp.float32) / 255.0
-    x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
-    model = nnx.merge(graphdef, state)
-    logits = apply_fn(model, x)
-    logits = jnp.asarray(logits).astype(jnp.float32)
-    if logits.ndim == 4:
-        logits = logits[..., 0]
-    return jax.nn.sigmoid(logits)
+    return eval_forward(graphdef, state, images, uint8=True, probabilities=True)[..., 0].astype(jnp.float32)
 
 
 @dataclasses.dataclass
@@ -182,8 +169,6 @@ class Validator:
       metrics: switches of `birefnet_jax.metrics.ALL_METRICS` ('S', 'MAE', 'MSE', 'WF', 'HCE', 'MBA',
         'E', 'F', 'BIoU'); default S-measure, weighted F, MAE and HCE.
       batch_sharding: optional `NamedSharding` putting each batch on a mesh (see the module doc).
-      apply_fn: ``apply_fn(model, images) -> logits`` (B, h, w, 1) or (B, h, w), traced inside the
-        compiled program on normalised NHWC images; default ``model(images)``.
       prefix: prepended to the reported names.
       workers: threads that decode the set and score predictions (default: the CPUs, at most 8).
     """
@@ -196,12 +181,9 @@ class Validator:
         metrics: Sequence[str] = DEFAULT_METRICS,
         *,
         batch_sharding: jax.sharding.NamedSharding | None = None,
-        apply_fn: ApplyFn | None = None,
         prefix: str = DEFAULT_PREFIX,
         workers: int | None = None,
     ):
-        from birefnet_jax.metrics import ALL_METRICS, skeleton_of
-
         self.pairs = tuple(pairs)
         if not self.pairs:
             raise ValueError("no validation pairs")
@@ -224,7 +206,6 @@ class Validator:
             except ValueError as e:
                 raise ValueError(f"batch_size {self.batch_size} does not split over the batch sharding "
                                  f"{batch_sharding.spec} of mesh {dict(batch_sharding.mesh.shape)}: {e}") from None
-        self.apply_fn = apply_fn or _default_apply
         self.prefix = prefix
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.workers = max(1, workers or min(8, cpus))
@@ -278,7 +259,7 @@ class Validator:
     def _program(self, graphdef):
         fn = next((f for g, f in self._programs if g == graphdef), None)
         if fn is None:
-            body = functools.partial(_forward, graphdef, self.apply_fn, self._traces)
+            body = functools.partial(_forward, graphdef, self._traces)
             if self.batch_sharding is not None:
                 replicated = jax.sharding.NamedSharding(self.batch_sharding.mesh, jax.sharding.PartitionSpec())
                 fn = jax.jit(body, out_shardings=replicated)
@@ -327,8 +308,6 @@ class Validator:
         return mask_to_uint8(resize_align_corners(prob_small, self.gts[index].shape))
 
     def _score(self, index: int, pred: np.ndarray):
-        from birefnet_jax.metrics import evaluate_pair
-
         return evaluate_pair(pred, self.gts[index], self.metrics, self.skeleton(index), self.stems[index])
 
     def _run(self, model: nnx.Module, score: bool) -> ValidationResult:
@@ -349,8 +328,6 @@ class Validator:
 
     def summarise(self, per_image: Sequence[Any]) -> dict[str, float]:
         """Means over `PairResult`s, as the original evaluator takes them, under the reported names."""
-        from birefnet_jax.metrics import Evaluator
-
         ev = Evaluator(self.metrics)
         for r in per_image:
             ev.add(r)

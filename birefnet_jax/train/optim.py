@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import jax
 import optax
 
-from birefnet_jax.model import state_path_name
+from birefnet_jax.nn.state import state_path_name
 
 # Base learning rate of the original per task, for a batch of 4 (scaled by sqrt(batch / 4)).
 BASE_LR = {"DIS5K": 1e-4}

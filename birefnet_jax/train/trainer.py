@@ -19,14 +19,23 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from clu import metric_writers, parameter_overview, periodic_actions
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from birefnet_jax.config import BiRefNetConfig, get_preset
-from birefnet_jax.model import BiRefNet, set_remat, state_path_name
+from birefnet_jax.loading import load
+from birefnet_jax.model import BiRefNet, set_remat
+from birefnet_jax.nn.state import state_path_name
 from birefnet_jax.train import losses
 from birefnet_jax.train.batchnorm import set_train_mode
+from birefnet_jax.train.checkpointing import TrainCheckpointer
+from birefnet_jax.train.data.augment import augment
 from birefnet_jax.train.data.folders import DIS5K_CLASSES, find_pairs, split_sets
-from birefnet_jax.train.data.sizes import SizeBuckets
+from birefnet_jax.train.data.pipeline import make_train_iterator
+from birefnet_jax.train.data.sizes import TrainingSizes
+from birefnet_jax.train.data.synthetic import write_synthetic_dataset
+from birefnet_jax.train.evaluate import HIGHER_IS_BETTER, Validator, write_predictions
 from birefnet_jax.train.optim import OptimConfig, freeze_backbone_if, make_optimizer
 from birefnet_jax.train.sharding import batch_sharding, global_batch, make_mesh, shard_training_state
 from birefnet_jax.train.step import make_train_step
@@ -72,7 +81,6 @@ def initial_model(config, cfg: BiRefNetConfig) -> BiRefNet:
 def load_weights_into(model: BiRefNet, source: str, *, exclude: tuple[str, ...] = ()) -> list[str]:
     """Copy the weights of checkpoint `source` into `model` (shapes must match) except those whose
     path matches one of the `exclude` regular expressions; returns the paths kept fresh."""
-    from birefnet_jax.api import load
 
     src = load(source)
     kinds = (nnx.Param, nnx.BatchStat)
@@ -122,7 +130,6 @@ def _train_sets(config) -> str:
 
 def _synthetic_data(config, workdir: Path) -> None:
     """Write the quickstart's synthetic data set under <workdir>/data once (process 0 writes)."""
-    from birefnet_jax.train.data.synthetic import write_synthetic_dataset
 
     root = workdir / "data"
     if jax.process_index() == 0:
@@ -137,19 +144,17 @@ def _synthetic_data(config, workdir: Path) -> None:
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
 
 
-def _sizes(config) -> SizeBuckets:
+def _sizes(config) -> TrainingSizes:
     if config.data.dynamic_size:
-        return SizeBuckets.dynamic(per_side=config.data.buckets_per_side)
-    return SizeBuckets.fixed(tuple(config.data.size))
+        return TrainingSizes.dynamic(per_side=config.data.buckets_per_side)
+    return TrainingSizes.fixed(tuple(config.data.size))
 
 
 def _augment(config):
-    from birefnet_jax.train.data.augment import augment
 
     methods = tuple(config.data.augmentations)
     if not methods and not config.data.background_synthesis:
@@ -190,11 +195,7 @@ def _finite_or_raise(logs: dict[str, float], step: int, checkpointer) -> None:
 def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Train as `config` says, in `workdir` (checkpoints, logs, predictions). Returns the final
     validation metrics (and 'status': 'done' or 'preempted')."""
-    from clu import metric_writers, parameter_overview, periodic_actions
 
-    from birefnet_jax.train.checkpointing import TrainCheckpointer
-    from birefnet_jax.train.data.pipeline import make_train_iterator
-    from birefnet_jax.train.evaluate import HIGHER_IS_BETTER, Validator, write_predictions
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)

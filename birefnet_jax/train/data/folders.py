@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from birefnet_jax.inference.images import ImageReadError, image_size, read_image
+from birefnet_jax.io.images import ImageReadError, image_size, read_image
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 IMAGE_FOLDER = "im"

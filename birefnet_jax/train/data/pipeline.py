@@ -64,11 +64,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from birefnet_jax.io.images import normalize
+from birefnet_jax.train.data.augment import augment as default_augment
 from birefnet_jax.train.data.folders import DatasetError, Pair, load_image, load_mask
-from birefnet_jax.train.data.sizes import SizeBuckets
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from birefnet_jax.train.data.sizes import TrainingSizes
 
 # Streams of randomness, each keyed by [seed, stream, n] (sizes.py uses stream 2 for batch sizes).
 _PERMUTATION_STREAM = 0
@@ -158,19 +157,6 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> t
     return image, mask
 
 
-_MEAN = np.asarray(IMAGENET_MEAN, np.float32)
-_STD = np.asarray(IMAGENET_STD, np.float32)
-
-
-def normalize_image(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB to float32 ``(image / 255 - mean) / std``, in torchvision's order of operations."""
-    x = image.astype(np.float32)
-    x /= np.float32(255)
-    x -= _MEAN
-    x /= _STD
-    return x
-
-
 def mask_to_float(mask: np.ndarray) -> np.ndarray:
     """uint8 (H, W) to float32 (H, W, 1) in [0, 1]."""
     x = mask.astype(np.float32)
@@ -194,7 +180,7 @@ class _Examples:
         local_batch_size: int,
         process_index: int,
         seed: int,
-        sizes: SizeBuckets,
+        sizes: TrainingSizes,
         augment: Augment | None,
         resize_first: bool,
         with_indices: bool,
@@ -261,7 +247,7 @@ class _Examples:
                 )
         image, mask = resize_pair(image, mask, size)
         out = {
-            "image": normalize_image(image),
+            "image": normalize(image),
             "mask": mask_to_float(mask),
             "class_label": np.int32(label),
         }
@@ -356,7 +342,7 @@ class TrainPipeline:
 
     data: list of `folders.Pair`, or an `ExampleSource`.
     global_batch_size: examples per step over all processes; divisible by `process_count`.
-    sizes: the training resolutions (`SizeBuckets.fixed()`, `SizeBuckets.dynamic()`, ...).
+    sizes: the training resolutions (`TrainingSizes.fixed()`, `TrainingSizes.dynamic()`, ...).
     seed: a non-negative int; order, sizes and augmentation all follow from it.
     process_index, process_count: this process and how many there are (default: JAX's).
     augment: ``augment(image, mask, rng) -> (image, mask)`` on uint8 arrays; DEFAULT_AUGMENT is the
@@ -376,7 +362,7 @@ class TrainPipeline:
         data: Sequence[Pair] | ExampleSource,
         *,
         global_batch_size: int,
-        sizes: SizeBuckets,
+        sizes: TrainingSizes,
         seed: int,
         process_index: int | None = None,
         process_count: int | None = None,
@@ -388,8 +374,8 @@ class TrainPipeline:
         with_indices: bool = False,
     ):
         source = data if isinstance(data, ExampleSource) else FolderSource(list(data))
-        if not isinstance(sizes, SizeBuckets):
-            raise TypeError(f"sizes must be a SizeBuckets (SizeBuckets.fixed(), .dynamic()), got {sizes!r}")
+        if not isinstance(sizes, TrainingSizes):
+            raise TypeError(f"sizes must be a TrainingSizes (TrainingSizes.fixed(), .dynamic()), got {sizes!r}")
         seed = _index(seed, "seed")
         global_batch_size = _index(global_batch_size, "global_batch_size", 1)
         if process_index is None or process_count is None:
@@ -412,7 +398,7 @@ class TrainPipeline:
                 "incomplete batches are dropped, so there would be nothing to train on"
             )
         if augment is DEFAULT_AUGMENT:
-            from birefnet_jax.train.data.augment import augment
+            augment = default_augment
         if augment is not None and not callable(augment):
             raise TypeError(f"augment must be callable or None, got {augment!r}")
         self.worker_count = _index(worker_count, "worker_count")
@@ -510,7 +496,7 @@ def make_train_iterator(
     data: Sequence[Pair] | ExampleSource,
     *,
     global_batch_size: int,
-    sizes: SizeBuckets,
+    sizes: TrainingSizes,
     seed: int,
     start_step: int = 0,
     process_index: int | None = None,

@@ -3,7 +3,7 @@
 The original trains at ``size`` (1024x1024 by default) or, with ``dynamic_size``, draws a new
 resolution for every batch: width and height each uniform in [256, 2304], floored to a multiple
 of 32. That makes 65 x 65 = 4225 possible shapes, and under XLA every new shape is a new
-compilation. Here the draw lands on a small grid instead (`SizeBuckets.dynamic`: by default five
+compilation. Here the draw lands on a small grid instead (`TrainingSizes.dynamic`: by default five
 values per side, 256, 768, 1280, 1792, 2304, i.e. 25 shapes), each grid value weighted by how often
 the original's draw, rounded to the nearest grid value, would land on it (the ends of the range
 get half the weight of inner values; mean resolution as in the original). ``weighting="uniform"``
@@ -11,7 +11,7 @@ draws every bucket equally often instead.
 
 Sizes are (height, width) here; the original's config writes (width, height).
 
-`SizeBuckets.size_for_step(seed, step)` is a pure function of its arguments (hashed with NumPy's
+`TrainingSizes.size_for_step(seed, step)` is a pure function of its arguments (hashed with NumPy's
 `SeedSequence`, whose output does not change between NumPy versions), so every process of a
 multi-host run, and a resumed run, picks the same size for the same step.
 """
@@ -86,7 +86,7 @@ def original_weights(low: int, high: int, values: Sequence[int]) -> tuple[float,
 
 
 @dataclass(frozen=True, init=False)
-class SizeBuckets:
+class TrainingSizes:
     """The (height, width) sizes training may use, and how often each is drawn.
 
     Build with `fixed`, `dynamic` or `grid`, or directly from sizes (and optional weights; default
@@ -103,7 +103,7 @@ class SizeBuckets:
                 raise ValueError(f"a size is (height, width), got {s!r}")
             checked.append((_side(s[0], "height"), _side(s[1], "width")))
         if not checked:
-            raise ValueError("SizeBuckets needs at least one size")
+            raise ValueError("TrainingSizes needs at least one size")
         if len(set(checked)) != len(checked):
             raise ValueError(f"sizes listed twice in {checked}")
         w = np.ones(len(checked)) if weights is None else np.asarray(weights, np.float64)
@@ -116,7 +116,7 @@ class SizeBuckets:
         object.__setattr__(self, "_cdf", np.cumsum(self.weights))
 
     @classmethod
-    def fixed(cls, size: int | Sequence[int] = DEFAULT_SIZE) -> SizeBuckets:
+    def fixed(cls, size: int | Sequence[int] = DEFAULT_SIZE) -> TrainingSizes:
         """One size for every step (the original without ``dynamic_size``); an int means square."""
         h, w = (size, size) if isinstance(size, int) else size
         return cls([(h, w)])
@@ -128,7 +128,7 @@ class SizeBuckets:
         widths: Sequence[int],
         height_weights: Sequence[float] | None = None,
         width_weights: Sequence[float] | None = None,
-    ) -> SizeBuckets:
+    ) -> TrainingSizes:
         """Every (height, width) of two lists; a bucket's weight is the product of its sides'."""
         hw = np.ones(len(heights)) if height_weights is None else np.asarray(height_weights, np.float64)
         ww = np.ones(len(widths)) if width_weights is None else np.asarray(width_weights, np.float64)
@@ -145,7 +145,7 @@ class SizeBuckets:
         per_side: int | Sequence[int] = DEFAULT_PER_SIDE,
         *,
         weighting: str = "original",
-    ) -> SizeBuckets:
+    ) -> TrainingSizes:
         """The original's dynamic sizes on a grid: `per_side` values (or (n_heights, n_widths))
         evenly spread over each range (bounds included, multiples of 32; width range defaults to
         the height range). Height and width are drawn independently, as in the original.

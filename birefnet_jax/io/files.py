@@ -6,15 +6,37 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+_UMASK_LOCK = threading.Lock()
+_umask: int | None = None
 
-def umask() -> int:
-    """The process's umask (reading it means setting it, so it is set straight back)."""
+
+def _read_umask() -> int:
+    """Linux reports the umask in /proc without changing it; elsewhere reading it means setting it
+    (and straight back), which is why it is done once, under a lock, not from every writer thread."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def umask() -> int:
+    """The process's umask, read once (a later `os.umask` change is not seen)."""
+    global _umask
+    if _umask is None:
+        with _UMASK_LOCK:
+            if _umask is None:
+                _umask = _read_umask()
+    return _umask
 
 
 @contextlib.contextmanager
