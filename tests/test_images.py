@@ -29,7 +29,7 @@ def test_light_imports():
                 roots |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 roots.add(node.module.split(".")[0])
-    assert roots <= {"__future__", "glob", "os", "re", "struct", "threading", "collections", "contextlib",
+    assert roots <= {"__future__", "functools", "glob", "os", "re", "struct", "threading", "collections", "contextlib",
                      "dataclasses", "pathlib", "numpy", "PIL"}, roots
 
 

@@ -4,6 +4,8 @@ script). The tap tables are shared with the model's own resize (`birefnet_jax.nn
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 # Elements per intermediate block in the resizes: 2 MB of float32, small enough to stay in cache
@@ -13,6 +15,7 @@ _BLOCK_ELEMENTS = 1 << 19
 
 
 
+@lru_cache(maxsize=256)
 def align_corners_taps(n_in: int, n_out: int, double: bool = False):
     """Source indices and weights of 1D linear interpolation with aligned corners."""
     # In the input's precision, as PyTorch computes the source coordinates.

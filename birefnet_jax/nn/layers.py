@@ -8,7 +8,6 @@ BatchNorm with PyTorch's running-statistics rule and bilinear resizing with
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +134,6 @@ def apply_opt(module, x):
     return x if module is None else module(x)
 
 
-@lru_cache(maxsize=256)
 def _resize_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
     n_in = x.shape[axis]
     if n_in == n_out:
