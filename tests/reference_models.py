@@ -10,6 +10,15 @@ import numpy as np
 
 REF = Path(__file__).parent / "reference"
 MODEL_CASES = ("swin_w7", "swin_w12", "pvt_v2", "swin_variant", "swin_nobn")
+# The case the fast tier (`-m "not slow"`) keeps: the smallest, with every decoder part.
+FAST_CASE = "swin_nobn"
+
+
+def model_case_params():
+    """MODEL_CASES for `parametrize`, every case but FAST_CASE marked slow."""
+    import pytest
+
+    return [pytest.param(c, marks=() if c == FAST_CASE else pytest.mark.slow) for c in MODEL_CASES]
 
 
 @cache

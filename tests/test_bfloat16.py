@@ -31,6 +31,7 @@ def _bf16_model(case):
     return model_from_state_dict(recipe_state_dict(case), dtype=jnp.bfloat16, **case_overrides(case))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["swin_w7", "pvt_v2", "swin_nobn"])
 def test_bfloat16_close_to_float32_reference(case):
     data = np.load(REF / f"model_{case}.npz")
@@ -63,6 +64,7 @@ def _primitive_dtypes(jaxpr) -> collections.Counter:
     return counts
 
 
+@pytest.mark.slow
 def test_bfloat16_keeps_float32_where_it_matters():
     model = _bf16_model("swin_w7")
     params = jax.tree.leaves(nnx.state(model, (nnx.Param, nnx.BatchStat)))

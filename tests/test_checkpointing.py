@@ -139,6 +139,7 @@ def test_save_schedule(tmp_path):
             ckpt.save(1, model, optimizer, force=True)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
     k, n = 3, 6
     model, optimizer = _make(seed=0)
@@ -226,6 +227,7 @@ def _tiny_birefnet_config(embed_dim=16):
                                               window_size=7))
 
 
+@pytest.mark.slow
 def test_step_folder_is_a_model_checkpoint(tmp_path):
     from birefnet_jax.checkpoint import read_config
     from birefnet_jax.model import abstract_model, random_model
@@ -319,6 +321,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_restore_onto_a_mesh_keeps_shardings(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path), str(Path(__file__).parent)], env=env,

@@ -19,7 +19,9 @@ from reference_models import state_dict_from_recipe
 
 import birefnet_jax
 from birefnet_jax.backbones import build_backbone
-from birefnet_jax.config import BACKBONES, BiRefNetConfig, ResNetConfig, VggConfig, backbone_name
+from birefnet_jax.backbones.resnet import ResNetConfig
+from birefnet_jax.backbones.vgg import VggConfig
+from birefnet_jax.config import BACKBONES, BiRefNetConfig, backbone_name
 from birefnet_jax.convert import infer_config, load_state_dict_into, model_to_state_dict, write_safetensors
 from birefnet_jax.convert.infer import ArchitectureError
 from birefnet_jax.convert.keymap import path_to_torch_key
@@ -134,6 +136,7 @@ def test_end_to_end_eval(case):
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
+@pytest.mark.slow
 def test_end_to_end_train(case):
     """Training mode (BatchNorm on batch statistics, ASPP dropout off as in the reference)
     matches the original's outputs and running-statistics updates; with the `cat` input the

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from reference_models import MODEL_CASES, REF, case_meta, case_overrides, recipe_state_dict
+from reference_models import MODEL_CASES, REF, case_meta, case_overrides, model_case_params, recipe_state_dict
 
 import birefnet_jax
 from birefnet_jax.checkpoint import load_model, save_model
@@ -33,7 +33,7 @@ def test_infer_config_matches_original_switches(case):
     assert list(cfg.backbone.depths) == bb["depths"] and list(cfg.backbone.num_heads) == bb["num_heads"]
 
 
-@pytest.mark.parametrize("case", MODEL_CASES)
+@pytest.mark.parametrize("case", model_case_params())
 def test_export_round_trip_is_identical(case, tmp_path):
     sd = recipe_state_dict(case)
     model = model_from_state_dict(sd, **case_overrides(case))
@@ -104,6 +104,7 @@ def test_image_size_not_multiple_of_32(converted):
         model(np.zeros((1, 100, 96, 3), np.float32))
 
 
+@pytest.mark.slow
 def test_cli_convert_verify_export(tmp_path, converted, capsys):
     src = converted("swin_nobn")
     dst = tmp_path / "orbax"
@@ -122,8 +123,9 @@ def test_cli_convert_verify_export(tmp_path, converted, capsys):
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("bb,expected", [("swin_v1_l", 220_176_498), ("swin_v1_t", 44_313_720),
-                                         ("pvt_v2_b2", 39_665_678)])
+@pytest.mark.parametrize("bb,expected", [pytest.param("swin_v1_l", 220_176_498, marks=pytest.mark.slow),
+                                         ("swin_v1_t", 44_313_720),
+                                         pytest.param("pvt_v2_b2", 39_665_678, marks=pytest.mark.slow)])
 def test_real_presets_parameter_counts(bb, expected):
     cfg = BiRefNetConfig(backbone=BACKBONES[bb])
     assert count_params(abstract_model(cfg)) == expected

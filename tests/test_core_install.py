@@ -17,6 +17,7 @@ from birefnet_jax.model import abstract_model
 HEAVY = ("tensorflow", "torch", "scipy", "skimage", "cv2", "matplotlib", "clu", "tensorflow_datasets")
 
 
+@pytest.mark.slow
 def test_import_convert_and_predict_import_nothing_heavy(converted, tmp_path):
     src = converted("swin_nobn")
     code = f"""
@@ -45,7 +46,8 @@ class _Shape:
 
 
 # One preset per structural variant (the parameter counts of the big ones are checked in test_convert).
-@pytest.mark.parametrize("name", ["swin_v1_t", "swin_v1_b", "pvt_v2_b0", "pvt_v2_b2", "resnet50", "vgg16", "vgg16bn"])
+@pytest.mark.parametrize("name", ["swin_v1_t", pytest.param("swin_v1_b", marks=pytest.mark.slow), "pvt_v2_b0",
+                                  pytest.param("pvt_v2_b2", marks=pytest.mark.slow), "resnet50", "vgg16", "vgg16bn"])
 def test_each_preset_is_recognised_and_sized_from_its_keys(name):
     """The table's key identifies the family and its `infer_config` recovers the preset, from the
     keys and shapes the model itself would save."""
@@ -76,6 +78,7 @@ def test_unknown_backbone_names_the_known_ones():
         detect({"foo.weight": np.zeros(1)})
 
 
+@pytest.mark.slow
 def test_random_model_fills_every_variable_without_initialisers():
     """`random_model` (benchmarks) gives concrete weights in the stated distributions."""
     import jax

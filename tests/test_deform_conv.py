@@ -122,7 +122,7 @@ def _grad_case(seed, k=3, b=2, h=6, w=7, c=3, o=4):
             rng.random((b, h, w, k * k)) * 2, rng.standard_normal((k, k, c, o)))
 
 
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_gradient_matches_finite_differences(k):
     """Reverse-mode gradients with respect to input, offsets, mask and kernel, in float64, against
     central differences (random offsets stay clear of the integer kinks of bilinear sampling)."""
@@ -136,6 +136,7 @@ def test_gradient_matches_finite_differences(k):
         check_grads(f, args, order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_values_and_gradients_match_previous_formulation():
     import jax
 

@@ -262,6 +262,7 @@ def test_float32_parity_with_intermediates(case):
     _compare(feats, 1, TOL)
 
 
+@pytest.mark.slow
 def test_float64_is_exact(case):
     """The square input (64x64) in float64: the original's float64 logits to rounding (~1e-13), and
     its intermediates to their float32 storage."""
@@ -278,6 +279,7 @@ def test_float64_is_exact(case):
     assert max(_compare(feats, 0, 1e-6).values()) < 1e-6
 
 
+@pytest.mark.slow
 def test_training_mode_outputs(case):
     """Training mode with the backbone frozen (BatchNorm on batch statistics, ASPP dropout off as in
     the reference): the multi-scale logits, gradient maps and their labels, and the auxiliary class
@@ -343,6 +345,7 @@ def _gradient_program(model, x):
     return traced, state, sum("transpose(" in s and bool(_IN_BB.search(s)) for s in stacks)
 
 
+@pytest.mark.slow
 def test_frozen_backbone_training():
     """The frozen backbone gets zero gradients and no optimiser state, and the gradient program has
     no backward pass through it (unfrozen, it has); everything after it gets gradients."""

@@ -19,6 +19,7 @@ def _forward(model, x):
     return model(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_float64_matches_original_float64(case, converted):
     expected = np.load(REF / f"model_{case}_float64.npz")

@@ -14,7 +14,7 @@ from PIL import Image, ImageFile
 from birefnet_jax.inference.inputs import InputError, list_inputs
 from birefnet_jax.io import images, resize
 from birefnet_jax.io.images import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image
-from birefnet_jax.io.resize import resize_align_corners, resize_linear
+from birefnet_jax.io.resize import align_corners_taps, resize_align_corners, resize_linear
 
 RNG = np.random.default_rng(0)
 PIL_LIMITS = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
@@ -518,15 +518,13 @@ def test_resize_align_corners_like_torch():
 
 def test_resize_align_corners_matches_model_taps(monkeypatch):
     """Same numbers as the model's taps applied whole (eval.py's way), in small blocks or not."""
-    from birefnet_jax.io.resize import align_corners_taps
-
     x = RNG.random((77, 51), dtype=np.float32)
     c0, c1, fc = align_corners_taps(51, 700)
     r0, r1, fr = align_corners_taps(77, 333)
     across = x[:, c0] * (1 - fc) + x[:, c1] * fc
     whole = across[r0] * (1 - fr)[:, None] + across[r1] * fr[:, None]
     np.testing.assert_array_equal(resize_align_corners(x, (333, 700)), whole)
-    monkeypatch.setattr(images, "_BLOCK_ELEMENTS", 999)
+    monkeypatch.setattr(resize, "_BLOCK_ELEMENTS", 999)
     np.testing.assert_array_equal(resize_align_corners(x, (333, 700)), whole)
     x3 = np.stack([x, 1 - x], -1)
     got3 = resize_align_corners(x3, (333, 700))

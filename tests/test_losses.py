@@ -253,6 +253,7 @@ def test_finetune_reweighting():
 # Gradients and dtypes
 
 
+@pytest.mark.slow
 def test_objective_is_differentiable():
     rng = np.random.default_rng(4)
     gt = jnp.asarray((rng.random((2, 32, 32, 1)) > 0.5).astype(np.float32))

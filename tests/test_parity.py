@@ -4,7 +4,7 @@ outputs and intermediate features (relative L2 error < 1e-4 in float32)."""
 import numpy as np
 import pytest
 from flax import nnx
-from reference_models import MODEL_CASES, case_arrays, case_overrides
+from reference_models import case_arrays, case_overrides, model_case_params
 
 import birefnet_jax
 from birefnet_jax.verify import relative_error
@@ -27,7 +27,7 @@ def _features(model, x):
     return out
 
 
-@pytest.mark.parametrize("case", MODEL_CASES)
+@pytest.mark.parametrize("case", model_case_params())
 def test_reference_case(case, converted):
     model = birefnet_jax.load(converted(case), **case_overrides(case))
     arrays = case_arrays(case)

@@ -41,6 +41,7 @@ def _loss_and_grads(module, x, remat):
     return float(value), flat, np.asarray(dx), stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["block"])
 def test_remat_matches_the_plain_call(kind):
     """A decoder block around a deformable ASPP (its conv-BN stages recomputed, the ASPP projected

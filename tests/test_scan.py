@@ -29,6 +29,7 @@ def _unrolled(monkeypatch, model, x):
         return model(x)
 
 
+@pytest.mark.slow
 def test_scanned_stage_equals_unrolled(monkeypatch):
     model = _swin()
     x = np.random.default_rng(0).standard_normal((2, 40, 36, 3)).astype(np.float32)
@@ -37,6 +38,7 @@ def test_scanned_stage_equals_unrolled(monkeypatch):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_mode_runs_blocks_one_by_one():
     model = _swin()
     model.train()

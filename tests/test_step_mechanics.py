@@ -59,6 +59,7 @@ def _halves(batch):
     return [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_step_on_the_whole_batch():
     """Two updates: on two whole batches of 4, and on their eight halves accumulated in pairs (a
     single Adam update is close to lr * sign(grad), blind to how the loss is weighted)."""
@@ -82,6 +83,7 @@ def test_accumulation_equals_one_step_on_the_whole_batch():
     assert not all(np.allclose(p_unscaled[k], p_one[k], rtol=1e-5, atol=1e-7) for k in p_one)
 
 
+@pytest.mark.slow
 def test_frozen_parameters_do_not_move_under_a_train_step():
     model, logs = _run([_batch(2)], accumulate=1, frozen=("bb/",), batch_norm="batch")
     before = _params(_TinySegmenter(nnx.Rngs(0)))
@@ -117,6 +119,7 @@ def test_batchnorm_modes():
         set_train_mode(wrapper, batch_norm="auto")
 
 
+@pytest.mark.slow
 def test_released_layout_fine_tunes_at_batch_size_one():
     """The released weights have BatchNorm: at batch size 1 they keep it (frozen) instead of losing it
     as the original's batch-size-1 build does; a checkpoint without BatchNorm has none to set."""

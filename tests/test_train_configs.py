@@ -59,6 +59,7 @@ def _weights(model):
             for p, v in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))}
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_a_checkpoint_with_a_new_head(tmp_path):
     from train_helpers import tiny_config
 
@@ -79,6 +80,7 @@ def test_fine_tuning_starts_from_a_checkpoint_with_a_new_head(tmp_path):
         load_weights_into(wider, str(tmp_path / "released"))
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
     """Rematerialisation (every backbone and decoder block recomputed in the backward pass, once
     its output's cotangent exists) changes memory, not results."""

@@ -337,6 +337,7 @@ def test_default_augmentation_is_deterministic(ten):
     assert all(np.isfinite(b["image"]).all() for b in run)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(ten):
     pairs = find_pairs(ten, TASK, "A+B")
     threads = _take(_pipeline(pairs).iterator(1), 3)

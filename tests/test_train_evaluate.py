@@ -177,6 +177,7 @@ def test_mode_is_restored_module_by_module(tmp_path):
     assert module_modes(model) == modes
 
 
+@pytest.mark.slow
 def test_tiny_birefnet_in_frozen_training_mode(tmp_path):
     from birefnet_jax.backbones.swin import SwinConfig
     from birefnet_jax.config import BiRefNetConfig

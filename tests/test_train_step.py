@@ -14,6 +14,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from reference_models import REF, recipe_state_dict, to_float64
 
@@ -107,6 +108,7 @@ def _global_norm(grads):
     return float(np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads.values())))
 
 
+@pytest.mark.slow
 def test_train_step_matches_the_original():
     """Outputs, BatchNorm update, loss and gradients of the float32 step against the shared
     reference. The float32 gradients are chaotic: the original's own float32 run is up to 8% from
@@ -135,6 +137,7 @@ def test_train_step_matches_the_original():
     assert abs(norm - exact["grad_global_norm"]) <= 3 * abs(meta["grad_global_norm"] - exact["grad_global_norm"])
 
 
+@pytest.mark.slow
 def test_train_step_in_float64_is_exact():
     """The whole step in float64 against the original's float64 run: outputs, BatchNorm update,
     every logged loss, every parameter's gradient norm and the full gradients stored."""
@@ -168,6 +171,7 @@ def test_gradient_map_matches_kornia_laplacian():
     assert relative_error(np.asarray(g).transpose(0, 3, 1, 2), data["gradient_map"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_eval_mode_returns_logits_again():
     model = _train_model()
     model.eval()

@@ -20,6 +20,9 @@ from train_helpers import batch, one_step
 
 from birefnet_jax.train.sharding import make_mesh
 
+# Subprocess runs and whole training loops: the slow tier (the README's test command runs it).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

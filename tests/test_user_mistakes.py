@@ -208,6 +208,7 @@ def test_overrides_on_orbax_are_applied_or_refused(ckpt):
         birefnet_jax.load(ckpt, mul_scl_ipt="cat")
 
 
+@pytest.mark.slow
 def test_verify_override_on_orbax_changes_the_result(tmp_path, converted, capsys):
     """swin_variant was trained with the `add` multi-scale input, which the weights cannot tell:
     converted without the flag it fails verification; the flag on verify makes it pass."""
@@ -222,6 +223,7 @@ def test_verify_override_on_orbax_changes_the_result(tmp_path, converted, capsys
 # ------------------------------------------------------------------ the predict function and predictor
 
 
+@pytest.mark.slow
 def test_predict_fn_leaves_the_model_alone_and_sees_its_changes(converted):
     from flax import nnx
 
@@ -244,6 +246,7 @@ def test_predict_fn_leaves_the_model_alone_and_sees_its_changes(converted):
     assert set(nnx.to_pure_dict(nnx.state(model))) == set(state_before)
 
 
+@pytest.mark.slow
 def test_uint8_input_is_normalised_and_floats_never_twice(converted):
     model = birefnet_jax.load(converted("swin_nobn"))
     predict = make_predict_fn(model)
@@ -288,6 +291,7 @@ def test_exports_follow_the_umask(tmp_path, ckpt, umask):
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
 
 
+@pytest.mark.slow
 def test_version_and_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "birefnet_jax", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"birefnet-jax {birefnet_jax.__version__}"

@@ -87,6 +87,7 @@ def clip(tmp_path_factory, predictor):
     return src, masks, cutouts
 
 
+@pytest.mark.slow
 def test_mask_and_cutout_videos(tmp_path, predictor, clip):
     src, masks, cutouts = clip
     bad = tmp_path / "in" / "x.mp4"
@@ -127,6 +128,7 @@ def test_mask_and_cutout_videos(tmp_path, predictor, clip):
     assert _leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_cutout_composited_without_alpha(tmp_path, predictor, clip, monkeypatch):
     """An OpenCV that cannot write alpha: the refined foreground over the background colour."""
     src, _, cutouts = clip
@@ -155,6 +157,7 @@ class _FailingOnce:
         return self.predictor.run(images, **kw)
 
 
+@pytest.mark.slow
 def test_failure_midway_leaves_nothing_and_the_rest_continues(tmp_path, predictor, clip):
     src = clip[0]
     short = _write_video(tmp_path / "short.mp4", frames=3)

@@ -11,12 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _UMASK_LOCK = threading.Lock()
-_umask: int | None = None
+_umask_once: int | None = None
 
 
-def _read_umask() -> int:
-    """Linux reports the umask in /proc without changing it; elsewhere reading it means setting it
-    (and straight back), which is why it is done once, under a lock, not from every writer thread."""
+def _proc_umask() -> int | None:
+    """Linux reports the umask in /proc/self/status: read without changing it (thread-safe)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -24,19 +23,22 @@ def _read_umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return None
 
 
 def umask() -> int:
-    """The process's umask, read once (a later `os.umask` change is not seen)."""
-    global _umask
-    if _umask is None:
-        with _UMASK_LOCK:
-            if _umask is None:
-                _umask = _read_umask()
-    return _umask
+    """The process's umask. Where /proc does not tell it, reading it means setting it (and straight
+    back), which races with other threads' file creation: that is done once, under a lock, and the
+    value kept (a later `os.umask` change is then not seen)."""
+    global _umask_once
+    mask = _proc_umask()
+    if mask is not None:
+        return mask
+    with _UMASK_LOCK:
+        if _umask_once is None:
+            _umask_once = os.umask(0)
+            os.umask(_umask_once)
+        return _umask_once
 
 
 @contextlib.contextmanager
