@@ -32,8 +32,7 @@ def base_config(task: str = "DIS5K") -> ml_collections.ConfigDict:
     c.model.backbone = ml_collections.ConfigDict()  # backbone fields, e.g. {'embed_dim': 32}
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32 (the original trains with bf16)
     # Recompute every backbone and decoder block in the backward pass instead of keeping its
-    # activations: Swin-L 1024x1024 batch 2 on an H200 takes 7.5 instead of 27.6 GB at the same
-    # speed; on a CPU about 7% more time for a third less memory (README, training benchmark).
+    # activations: a fraction of the memory for little extra time (docs/performance.md, training).
     c.model.remat = True
     # Initialise from a checkpoint (converted Orbax folder, original .pth / .safetensors, hf:...):
     c.model.init_from = ""

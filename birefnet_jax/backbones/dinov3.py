@@ -192,8 +192,8 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 # Attention
 
 # On CPU, attention logits per step, in elements: at 1024x1024 (4101 tokens) the whole (heads, N, N)
-# matrix is 0.4 GB (S) to 2.2 GB (7B) per image; query blocks keep it bounded. 32 MiB of float32
-# blocks (ViT-B at 1024x1024: 25 of them) timed fastest of 8-64 MiB. Elsewhere one step.
+# matrix grows to gigabytes per image for the large sizes; query blocks keep it bounded. 32 MiB of
+# float32 per block timed fastest among the sizes tried (docs/performance.md). Elsewhere one step.
 _ATTN_BLOCK = 1 << 23
 
 

@@ -56,8 +56,8 @@ def _attend(q, k, v):
     (q, k) matrix is written once and only the (q, d) result is divided.
 
     Logits, weights and the second matmul in float32 at least: with bfloat16 inputs, the original's
-    `softmax(...).astype(bfloat16) @ v` measured as accurate as that on XLA CPU (its casts fuse
-    away), while rounding the unnormalized weights to bfloat16 gave about 1.4x its error.
+    `softmax(...).astype(bfloat16) @ v` is as accurate as that on XLA CPU (its casts fuse away),
+    while rounding the unnormalized weights to bfloat16 is less accurate.
     """
     acc = at_least_f32(q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc)
@@ -107,8 +107,8 @@ def _depthwise3x3(x, kernel, bias, pad_top=1, pad_bottom=1):
 
     Written as nine shifted copies times per-channel taps: one elementwise loop for XLA, where a
     convolution with `feature_group_count=C` runs 5-30x slower on CPU. Summed, and returned, in
-    float32 at least. (One slice and pad per tap, centre tap first: other arrangements measured up
-    to 3x slower in XLA's CPU loop.)
+    float32 at least. (One slice and pad per tap, centre tap first: other arrangements ran slower
+    in XLA's CPU loop.)
     """
     _, h, w, _ = x.shape
     height = h + pad_top + pad_bottom - 2

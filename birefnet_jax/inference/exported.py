@@ -36,8 +36,8 @@ def load_exported(path: str | os.PathLike, *, compiler_options: dict[str, Any] |
 
     Weights of a weights="argument" export are read from the .npz beside it, in the sidecar's
     order, and put on the device once. `compiler_options` go to XLA (`jax.jit`'s), e.g.
-    `{"xla_backend_optimization_level": 0}` to compile ~3x faster on CPU where start-up matters
-    more than speed. The function has `.exported` and `.metadata` attributes.
+    `{"xla_backend_optimization_level": 0}` to compile faster on CPU where start-up matters more
+    than speed. The function has `.exported` and `.metadata` attributes.
     """
     path = Path(path)
     exported = jax.export.deserialize(bytearray(path.read_bytes()))

@@ -5,12 +5,11 @@ of one block recomputed one after another (`remat_sum`).
 recomputation depends on nothing but that input, so XLA's scheduler is free to run it early. On a
 CPU it does (its optimisation barriers are gone before scheduling): every block's recomputation ran
 long before the backward pass reached it, all live at once, and a training step with every Swin
-block checkpointed peaked higher than without (5.8 against 5.5 GB of XLA temporaries, Swin-T at
-512x512, batch 2). Here the backward rule recomputes the block from an input made data-dependent on
-the cotangent of the block's output, which exists only once the backward pass has come back down
-to this block. So one block's intermediates are live at a time. The weights are gated the same
-way, or XLA merges the recomputation's weight-only work with the forward's and keeps it live in
-between. `after` is the gate itself, for buffers that must not be allocated before their data.
+block checkpointed peaked higher than without (docs/performance.md has the figures). Here the
+backward rule recomputes the block from an input made data-dependent on the cotangent of the
+block's output, which exists only once the backward pass has come back down to this block. So one
+block's intermediates are live at a time. The weights are gated the same way, or XLA merges the
+recomputation's weight-only work with the forward's and keeps it live in between. `after` is the gate itself, for buffers that must not be allocated before their data.
 
 The block may update its non-parameter state in the forward pass (dropout RNG counts, BatchNorm
 statistics): that update is an output of the forward, and the recomputation starts from the state

@@ -3,8 +3,7 @@
 A Swin-L stage of 18 blocks, unrolled, is 18 copies of the same program for XLA to optimise and
 generate code for; scanned over the blocks' stacked weights it is one. The weights stay where
 they are (one module per block, as the checkpoints name them): they are stacked inside the
-traced function: a copy of the stage's weights per forward (about 0.7 GB for Swin-L's third
-stage in float32, some 0.1 s on this CPU against a 17 s forward; estimated, not timed).
+traced function: a copy of the stage's weights per forward, small beside the stage's compute.
 
 Only when nothing random happens (every dropout deterministic, no BatchNorm in training mode):
 blocks that differ only in their drop-path rate run with the first group's module definition,
