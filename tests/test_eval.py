@@ -1,4 +1,5 @@
-"""eval.py and the metrics' file handling: reading odd images, pairing by stem, the outputs."""
+"""`birefnet-jax eval` (and eval.py, which runs it) and the metrics' file handling: reading odd images,
+pairing by stem, the outputs."""
 
 import csv
 import json
@@ -11,11 +12,25 @@ import cv2
 import numpy as np
 import pytest
 
-from birefnet_jax.metrics import Evaluator, PairingError, columns_for, evaluate_pair, pair_by_stem, read_gray
+from birefnet_jax import cli
+from birefnet_jax.metrics import (
+    ALL_METRICS,
+    TASK_COLUMNS,
+    Evaluator,
+    PairingError,
+    columns_for,
+    evaluate_pair,
+    pair_by_stem,
+    read_gray,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import eval as eval_cli  # noqa: E402  (the top-level script)
+
+
+def eval_main(argv: list[str]) -> dict:
+    """`birefnet-jax eval ARGV` (what `python eval.py ARGV` runs) in-process: argparse's usage errors
+    exit 2; returns {(dataset, method): results} and raises what the command reports as `error: ...`."""
+    return cli.run_eval(cli.parse_args(["eval", *argv]))
 
 
 def test_read_gray_like_opencv(tmp_path):
@@ -72,7 +87,7 @@ def layout(tmp_path_factory):
 def test_eval_layout_writes_table_json_csv_plots(layout):
     root, pairs = layout
     out = root / "results"
-    results = eval_cli.main([
+    results = eval_main([
         "--pred_root", str(root / "preds"), "--data_root", str(root / "data"), "--datasets", "DIS-VD",
         "--save_dir", str(out), "--task", "COD", "--workers", "2", "--per_image",
     ])
@@ -98,7 +113,7 @@ def test_eval_layout_writes_table_json_csv_plots(layout):
 
 def test_eval_single_folder_and_pairing_error(layout, tmp_path):
     root, _ = layout
-    results = eval_cli.main([
+    results = eval_main([
         "--pred_dir", str(root / "preds" / "good" / "DIS-VD"), "--gt_dir", str(root / "data" / "DIS-VD" / "gt"),
         "--save_dir", str(tmp_path / "one"), "--metrics", "S+MAE", "--no_plots",
     ])
@@ -109,7 +124,7 @@ def test_eval_single_folder_and_pairing_error(layout, tmp_path):
     for name in ("im0.png", "im1.png", "stray.png"):
         cv2.imwrite(str(extra / name), np.zeros((8, 8), np.uint8))
     with pytest.raises(PairingError, match=r"1 prediction has no ground truth: stray.png.*2 ground truths"):
-        eval_cli.main(["--pred_dir", str(extra), "--gt_dir", str(root / "data" / "DIS-VD" / "gt"),
+        eval_main(["--pred_dir", str(extra), "--gt_dir", str(root / "data" / "DIS-VD" / "gt"),
                        "--save_dir", str(tmp_path / "two")])
 
 
@@ -124,7 +139,7 @@ def test_skeletons_from_a_ske_folder(tmp_path):
     given = np.zeros(gt.shape, bool)
     given[gt.shape[0] // 2, :] = True  # deliberately not the real skeleton
     cv2.imwrite(str(tmp_path / "ske" / "a.png"), given.astype(np.uint8) * 255)
-    results = eval_cli.main(["--pred_dir", str(tmp_path / "pred"), "--gt_dir", str(tmp_path / "gt"),
+    results = eval_main(["--pred_dir", str(tmp_path / "pred"), "--gt_dir", str(tmp_path / "gt"),
                              "--metrics", "HCE", "--save_dir", str(tmp_path / "out"), "--no_plots"])
     (hce,) = [r["HCE"] for r in results.values()]
     assert hce == evaluate_pair(pred, gt, ["HCE"], skeleton=given).HCE
@@ -147,7 +162,7 @@ def test_eval_from_checkpoint_predicts_then_scores(tmp_path, converted):
         cv2.imwrite(str(data / "gt" / f"img{i}.png"), gt)
     ckpt = tmp_path / "ckpt"
     assert cli_main(["convert", str(converted("swin_nobn")), str(ckpt), "--resolution", "128x128"]) == 0
-    eval_cli.main(["--ckpt", str(ckpt), "--data_root", str(tmp_path / "data"), "--datasets", "DS",
+    eval_main(["--ckpt", str(ckpt), "--data_root", str(tmp_path / "data"), "--datasets", "DS",
                    "--pred_root", str(tmp_path / "preds"), "--save_dir", str(tmp_path / "results")])
     preds = sorted((tmp_path / "preds").rglob("*.png"))
     assert [p.name for p in preds] == ["img0.png", "img1.png"]
@@ -224,8 +239,8 @@ def test_missing_dataset_or_predictions_is_an_error(tmp_path, mistake):
         assert "data sets with predictions: DIS-VD" in stderr
     else:
         assert "method(s) not found under" in stderr and "theirs; methods there: mine" in stderr
-    with pytest.raises(ValueError, match="DIS-TE9"):  # the same check for callers of main()
-        eval_cli.main(["--data_root", str(tmp_path / "data"), "--datasets", "DIS-TE9",
+    with pytest.raises(ValueError, match="DIS-TE9"):  # the same check for callers of the library
+        eval_main(["--data_root", str(tmp_path / "data"), "--datasets", "DIS-TE9",
                        "--pred_root", str(tmp_path / "preds"), "--save_dir", str(tmp_path / "results")])
 
 
@@ -235,7 +250,7 @@ def test_bad_metrics_name_the_valid_ones(layout, tmp_path, capsys, metrics):
     root, _ = layout
     before = _tree(tmp_path, root)
     with pytest.raises(SystemExit) as e:
-        eval_cli.main(["--pred_root", str(root / "preds"), "--data_root", str(root / "data"), "--datasets", "DIS-VD",
+        eval_main(["--pred_root", str(root / "preds"), "--data_root", str(root / "data"), "--datasets", "DIS-VD",
                        "--metrics", metrics, "--save_dir", str(tmp_path / "out")])
     assert e.value.code == 2
     stderr = capsys.readouterr().err
@@ -243,3 +258,26 @@ def test_bad_metrics_name_the_valid_ones(layout, tmp_path, capsys, metrics):
     assert f"error: --metrics: {problem}" in stderr
     assert "'+'-separated names from S+MAE+E+F+WF+MBA+BIoU+MSE+HCE" in stderr
     assert _tree(tmp_path, root) == before
+
+
+def test_help_names_every_metric_and_task():
+    """`--help` spells the metric and task names without importing the metrics: the same names."""
+    assert cli.EVAL_METRICS == ALL_METRICS
+    assert set(cli.EVAL_TASKS) == set(TASK_COLUMNS)
+
+
+def test_without_the_eval_extra_the_error_names_it(tmp_path):
+    """The command line imports the metrics (OpenCV, scikit-image) only for `eval`; without them
+    `eval` says which extra to install, and every other command still loads."""
+    code = (
+        "import sys\n"
+        "sys.modules['cv2'] = None  # import cv2 now raises ImportError\n"
+        "from birefnet_jax.cli import build_parser, main\n"
+        "build_parser()\n"
+        "sys.exit(main(['eval', '--pred_dir', 'p', '--gt_dir', 'g']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: " in proc.stderr and "pip install 'birefnet-jax[eval]'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

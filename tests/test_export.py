@@ -11,7 +11,6 @@ with LLVM optimisation off (`FAST_COMPILE`: ~3x faster to compile, same semantic
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -26,7 +25,9 @@ import pytest
 from flax import nnx
 from reference_models import case_arrays, case_overrides, recipe_state_dict
 
+from birefnet_jax import cli
 from birefnet_jax.inference import export as ex
+from birefnet_jax.inference import exported as serving
 from birefnet_jax.io.images import IMAGENET_MEAN, IMAGENET_STD, normalize
 from birefnet_jax.loading import model_from_state_dict
 from birefnet_jax.verify import relative_error
@@ -140,8 +141,9 @@ def test_uint8_signature_multi_platform_weights_argument(model, reference, image
 
 def test_symbolic_batch_standalone_loader(model, tmp_path):
     """One program with a symbolic batch and weights as an argument, run by a process that loads
-    the export module by file path and never imports birefnet_jax or Flax: batches of 1 and 3 give
-    the original's logits (256x256 reference images) and agree row by row."""
+    the serving module (`inference/exported.py`) by file path and never imports birefnet_jax or
+    Flax: batches of 1 and 3 give the original's logits (256x256 reference images) and agree row
+    by row."""
     arrays = case_arrays("swin_w7")
     x, original = arrays["input0"].transpose(0, 2, 3, 1), arrays["output0"].transpose(0, 2, 3, 1)
     exported = ex.export_model(model, batch=None, resolution=x.shape[1:3], weights="argument")
@@ -169,7 +171,7 @@ def test_symbolic_batch_standalone_loader(model, tmp_path):
         print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("birefnet_jax", "flax"))))
     """))
     # default compile options here: unoptimised code runs the 256x256 batches slower than it compiles
-    argv = [ex.__file__, path, tmp_path / "x.npy", tmp_path / "out.npz", json.dumps(None)]
+    argv = [serving.__file__, path, tmp_path / "x.npy", tmp_path / "out.npz", json.dumps(None)]
     run = subprocess.run([sys.executable, str(script), *map(str, argv)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -182,7 +184,7 @@ def test_symbolic_batch_standalone_loader(model, tmp_path):
 
 
 def _export_args(*argv):
-    return ex.add_export_arguments(argparse.ArgumentParser()).parse_args([str(a) for a in argv])
+    return cli.parse_args(["export", *(str(a) for a in argv)])
 
 
 def test_cli(converted, tmp_path, capsys):
@@ -195,17 +197,17 @@ def test_cli(converted, tmp_path, capsys):
     assert _export_args(ckpt, out, "--batch", "dynamic").batch is None
     assert _export_args(ckpt, out, "--resolution", "64x128").resolution == (128, 64)  # WIDTHxHEIGHT
 
-    assert ex.run_export(_export_args(ckpt, out, "--weights", "argument")) == 0
+    assert cli.cmd_export(_export_args(ckpt, out, "--weights", "argument")) == 0
     sidecar, weights_file = ex.sidecar_paths(out)
     info = json.loads(sidecar.read_text())
     assert info["resolution"] == list(info["config"]["resolution"]) and info["weights"] == "argument"
     assert weights_file.exists() and str(out) in capsys.readouterr().out
     before = out.read_bytes()
     with pytest.raises(FileExistsError, match="--force"):
-        ex.run_export(_export_args(ckpt, out, "--resolution", "64x64"))
+        cli.cmd_export(_export_args(ckpt, out, "--resolution", "64x64"))
     assert out.read_bytes() == before
 
-    assert ex.run_export(_export_args(ckpt, out, "--resolution", "64x64", "--batch", "dynamic", "--force")) == 0
+    assert cli.cmd_export(_export_args(ckpt, out, "--resolution", "64x64", "--batch", "dynamic", "--force")) == 0
     info = json.loads(sidecar.read_text())
     assert (info["batch"], info["resolution"], info["weights"]) == ("symbolic", [64, 64], "embedded")
     assert not weights_file.exists()  # the stale weights of the earlier export went with it

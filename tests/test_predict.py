@@ -3,6 +3,7 @@ odd and broken files, sizes, buckets, padding, devices, resuming, cut-outs."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import jax
@@ -13,6 +14,9 @@ from PIL import Image
 import birefnet_jax
 from birefnet_jax.cli import main
 from birefnet_jax.inference import predict
+from birefnet_jax.inference.buckets import SizePolicy
+from birefnet_jax.inference.pipeline import PredictOptions, PredictSummary, run_images, write_outputs
+from birefnet_jax.inference.plan import plan_predictions
 from birefnet_jax.inference.predictor import Predictor
 from birefnet_jax.inference.refine import refine_foreground_strips
 from birefnet_jax.io.images import read_image
@@ -239,11 +243,11 @@ def test_a_killed_process_resumes(tmp_path, converted):
 
 
 def test_a_failed_write_fails_that_image_only(tmp_path, predictor, monkeypatch):
-    from birefnet_jax.inference import outputs
+    from birefnet_jax.io import masks
 
     for i in range(3):
         save(Image.fromarray(rgb(40, 40, i)), tmp_path / "in" / f"{i}.png")
-    real = outputs.encode_png
+    real = masks.encode_png
 
     def flaky(array):
         if array.shape == (40, 40) and flaky.calls == 1:
@@ -253,7 +257,7 @@ def test_a_failed_write_fails_that_image_only(tmp_path, predictor, monkeypatch):
         return real(array)
 
     flaky.calls = 0
-    monkeypatch.setattr(outputs, "encode_png", flaky)
+    monkeypatch.setattr(masks, "encode_png", flaky)
     s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False)
     assert s.done == 2 and len(s.failed) == 1 and "No space left" in s.failed[0][1]
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
@@ -299,7 +303,6 @@ def test_names_that_differ_only_by_extension_do_not_collide(tmp_path, predictor)
 def test_crop_refine_predicts_the_box_again(tmp_path, predictor):
     """Locate, then crop: the box around the first prediction's object (plus margin) is cut from the
     full-resolution image, predicted again, and pasted back; the rest stays."""
-    from birefnet_jax.inference.buckets import SizePolicy
     from birefnet_jax.inference.pipeline import _crop_and_repredict, _Prepared
 
     im = rgb(400, 300, 7)
@@ -365,3 +368,107 @@ def test_compile_cache_persists_programs(tmp_path, converted):
     second = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "done 1" in second.stdout
     assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == entries  # found, not compiled anew
+
+
+# --------------------------------------------------------------------------- the stages, one by one
+
+
+def test_planning_alone_reads_and_changes_nothing(tmp_path):
+    """The plan stage: inputs found, outputs planned, finished images skipped, videos set aside, our own
+    outputs not taken as inputs; no model, and nothing written or deleted until asked."""
+    save(Image.fromarray(rgb(20, 20)), tmp_path / "in" / "a.png")
+    save(Image.fromarray(rgb(20, 20)), tmp_path / "in" / "sub" / "b.jpg")
+    (tmp_path / "in" / "clip.mp4").write_bytes(b"not decoded while planning")
+    out = tmp_path / "in" / "out"  # inside the inputs: what is written there is no input
+    save(Image.fromarray(rgb(20, 20)[..., 0]), out / "a.png")  # a's mask: done
+    (out / "sub").mkdir()
+    stale = out / "sub" / ".b.png.abc123.tmp"  # as a run killed while writing b's mask leaves
+    stale.write_bytes(b"half a file")
+
+    plan = plan_predictions(tmp_path / "in", out)
+    assert plan.kinds == ("mask",) and plan.skipped == 1
+    assert [(item.rel.as_posix(), {k: p.relative_to(out).as_posix() for k, p in paths.paths.items()})
+            for item, paths in plan.images] == [("sub/b.jpg", {"mask": "sub/b.png"})]
+    assert [item.rel.as_posix() for item in plan.videos] == ["clip.mp4"]
+    assert stale.exists()
+    assert plan.remove_stale_temporaries() == 1 and not stale.exists()
+
+    again = plan_predictions(tmp_path / "in", out, outputs=("mask", "cutout", "mask"))
+    assert again.kinds == ("mask", "cutout") and again.skipped == 0  # a's cut-out is missing
+    assert [item.rel.as_posix() for item, _ in again.images] == ["a.png", "sub/b.jpg"]
+    assert len(plan_predictions(tmp_path / "in", out, overwrite=True).images) == 2
+    with pytest.raises(FileExistsError, match="is a file"):
+        plan_predictions(tmp_path / "in", tmp_path / "in" / "a.png")
+    with pytest.raises(ValueError, match="nothing outside the output folder"):
+        plan_predictions(out, out)
+    with pytest.raises(ValueError, match="no inputs"):
+        plan_predictions([], out)
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    (dict(batch_size=0), "batch_size"),
+    (dict(outputs=("mask", "alpha")), "outputs"),
+    (dict(outputs="mask"), "outputs"),
+    (dict(outputs=()), "outputs"),
+    (dict(resolution="70x70"), "resolution"),
+    (dict(resolution=(64, 80)), "resolution"),
+    (dict(resolution="auto", bucket_step=100), "bucket_step"),
+    (dict(resolution="auto", max_pixels=1000), "max_pixels"),
+    (dict(refine_radius=0), "refine_radius"),
+    (dict(workers=-1), "workers"),
+    (dict(max_image_pixels=0), "max_image_pixels"),
+    (dict(crop_margin=-0.1), "crop_margin"),
+])
+def test_options_are_checked_when_built(options, named):
+    with pytest.raises(ValueError, match=named):
+        PredictOptions(**options)
+
+
+def test_options_and_keywords(tmp_path):
+    o = PredictOptions(outputs=["mask", "prob", "mask"], resolution="auto", bucket_step=32)
+    assert o.outputs == ("mask", "prob")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.batch_size = 2
+    # Checked before anything is listed or loaded (the checkpoint does not exist).
+    with pytest.raises(ValueError, match="batch_size"):
+        predict(tmp_path / "in", tmp_path / "missing.safetensors", tmp_path / "out", batch_size=0)
+    with pytest.raises(TypeError, match="not both"):
+        predict(tmp_path / "in", tmp_path / "missing.safetensors", tmp_path / "out", options=o, batch_size=2)
+    with pytest.raises(TypeError):
+        predict(tmp_path / "in", tmp_path / "missing.safetensors", tmp_path / "out", batch=2)
+
+
+def test_write_stage_alone(tmp_path):
+    """`write_outputs`: the files of one image from its probabilities, no model involved."""
+    save(Image.fromarray(rgb(1, 1)), tmp_path / "in" / "x.png")
+    ((_, paths),) = plan_predictions(tmp_path / "in", tmp_path / "out", outputs=("mask", "prob", "cutout")).images
+    prob = np.random.default_rng(1).random((30, 40), dtype=np.float32)
+    im = rgb(30, 40, 4)
+    write_outputs(paths, prob, im, None, refine_radius=15)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "x.png")), mask_to_uint8(prob))
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "x.npy"), prob)
+    cut = np.asarray(Image.open(tmp_path / "out" / "x_cutout.png"))
+    np.testing.assert_array_equal(cut[..., 3], mask_to_uint8(prob))
+    np.testing.assert_array_equal(cut[..., :3], refine_foreground_strips(im, mask_to_uint8(prob), 15))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.npy", "x.png", "x_cutout.png"]
+
+
+def test_run_stage_alone(tmp_path, predictor):
+    """`run_images`: probabilities at the bucket size for each readable image, failures recorded,
+    nothing written."""
+    images = {"a.png": rgb(50, 70, 1), "b.png": rgb(30, 20, 2)}
+    for name, im in images.items():
+        save(Image.fromarray(im), tmp_path / "in" / name)
+    (tmp_path / "in" / "c.png").write_bytes(b"")
+    plan = plan_predictions(tmp_path / "in", tmp_path / "out")
+    summary = PredictSummary()
+    batches = list(run_images(plan.images, predictor, SizePolicy(fixed=RES), summary,
+                              batch=predictor.padded_batch(1), workers=2, window=4))
+    got = {p.item.path.name: (p, prob) for batch in batches for p, prob in batch}
+    assert sorted(got) == ["a.png", "b.png"] and [p.name for p, _ in summary.failed] == ["c.png"]
+    assert summary.buckets == {RES: 2} and summary.done == 0
+    for name, im in images.items():
+        p, prob = got[name]
+        assert prob.shape == RES and p.size == im.shape[:2] and p.rgb is None
+        np.testing.assert_array_equal(mask_to_uint8(resize_align_corners(prob, p.size)), reference_mask(predictor, im))
+    assert not (tmp_path / "out").exists()

@@ -3,7 +3,6 @@ compiles a handful of programs rather than one per image size."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 
@@ -60,14 +59,15 @@ class SizePolicy:
 
 def parse_size(text: str) -> tuple[int, int]:
     """'WxH' (or one number for a square), as the command line and the original write sizes ->
-    (height, width), each a positive multiple of 32. Raises argparse.ArgumentTypeError, as argparse expects."""
+    (height, width), each a positive multiple of 32. Raises ValueError (the command line turns it into a
+    usage error)."""
     w, sep, h = text.lower().partition("x")
     try:
         width, height = int(w), int(h if sep else w)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+        raise ValueError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
     if width < 32 or height < 32 or width % 32 or height % 32:
         near = f"{max(32, round(width / 32) * 32)}x{max(32, round(height / 32) * 32)}"
-        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 32 "
-                                         f"(the backbone downsamples 32x), e.g. {near}")
+        raise ValueError(f"{text!r}: width and height must be positive multiples of 32 "
+                         f"(the backbone downsamples 32x), e.g. {near}")
     return height, width

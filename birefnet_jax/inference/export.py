@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +46,6 @@ from birefnet_jax.io.files import atomic_path, umask
 from birefnet_jax.io.images import IMAGENET_MEAN, IMAGENET_STD
 from birefnet_jax.model import BiRefNet, abstract_model, eval_forward
 from birefnet_jax.nn.state import state_path_name
-
-if TYPE_CHECKING:
-    import argparse
 
 WEIGHTS_MODES = ("embedded", "argument")
 LAYOUTS = ("NHWC", "NCHW")
@@ -283,9 +280,8 @@ def export_saved_model(model: BiRefNet, directory: str | os.PathLike, *, batch: 
     Written into a temporary folder and renamed when complete; `overwrite` replaces only a
     folder that is a SavedModel. Needs TensorFlow (`pip install 'birefnet-jax[train]'`).
     """
-
     tf = require("tensorflow", "export_saved_model (TF SavedModel export)")
-    from jax.experimental import jax2tf
+    from jax.experimental import jax2tf  # optional: imports TensorFlow, so only when a SavedModel is asked for
 
     directory = Path(directory).absolute()
     if directory.exists():
@@ -330,103 +326,13 @@ def export_saved_model(model: BiRefNet, directory: str | os.PathLike, *, batch: 
     return directory
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line: `birefnet-jax export CHECKPOINT OUTPUT ...`
-
-
-def _parse_batch(text: str) -> int | None:
-    import argparse
-
-    if text.lower() in ("dynamic", "symbolic", "none"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive batch size or 'dynamic'")
-    return value
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments of `birefnet-jax export` (the caller sets `func=run_export`)."""
-    parser.add_argument("checkpoint", help=".pth, .safetensors or an Orbax checkpoint folder")
-    parser.add_argument("output", help="program file (e.g. model.jaxexport; a .json sidecar is written beside it), "
-                                       "or a folder with --saved-model")
-    parser.add_argument("--batch", type=_parse_batch, default=1,
-                        help="images per call, or 'dynamic' for any batch size (default 1)")
-    from birefnet_jax.inference.buckets import parse_size
-
-    parser.add_argument("--resolution", type=parse_size, default=None,
-                        help="input size WIDTHxHEIGHT, multiples of 32 (default: the checkpoint's training size)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="compute dtype (outputs are float32 either way)")
-    parser.add_argument("--weights", choices=list(WEIGHTS_MODES), default="embedded",
-                        help="embedded: constants of the program; argument: a .weights.npz beside it, passed "
-                             "at call time (see the sidecar's weights_order)")
-    parser.add_argument("--layout", choices=list(LAYOUTS), default="NHWC", help="image layout (default NHWC)")
-    parser.add_argument("--uint8-input", action="store_true",
-                        help="take uint8 RGB 0..255 (normalised inside) and return probabilities")
-    parser.add_argument("--platforms", default=None,
-                        help="comma-separated lowering platforms, e.g. cpu,cuda (default: this machine's)")
-    parser.add_argument("--saved-model", action="store_true",
-                        help="write a TensorFlow SavedModel folder instead (needs birefnet-jax[train])")
-    parser.add_argument("--force", action="store_true", help="replace an existing output")
-    return parser
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """Load the checkpoint, export, write; refuses to replace OUTPUT without --force. Problems the
-    user can fix raise ValueError / FileExistsError / MissingDependency with the message to show."""
-    output = Path(args.output)
-    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) if args.platforms else None
-    if args.saved_model:
-        from birefnet_jax._optional import require
-
-        require("tensorflow", "export --saved-model")  # before the (slow) load
-        if output.exists() and not args.force:
-            raise FileExistsError(f"{output} exists (use --force to replace it)")
-    else:
-        if output.is_dir():
-            raise FileExistsError(f"{output} is a folder; give a file path such as {output / 'model.jaxexport'}")
-        existing = [p for p in (output, sidecar_paths(output)[0]) if p.exists()]
-        if existing and not args.force:
-            raise FileExistsError(f"{existing[0]} exists (use --force to replace it)")
-
-    from birefnet_jax.loading import load
-
-    overrides = {}  # architecture flags, if the command line offers them (see cli._add_arch_flags)
-    if getattr(args, "mul_scl_ipt", None) is not None:
-        overrides["mul_scl_ipt"] = "" if args.mul_scl_ipt == "none" else args.mul_scl_ipt
-    if getattr(args, "num_heads", None):
-        overrides["num_heads"] = tuple(args.num_heads)
-    model = load(args.checkpoint, **overrides)
-    resolution = args.resolution or tuple(model.cfg.resolution)
-    h, w = _check_options(args.batch, resolution, args.weights, args.layout)
-    options = dict(batch=args.batch, resolution=(h, w), dtype=args.dtype, layout=args.layout,
-                   uint8_input=args.uint8_input, platforms=platforms)
-    batch = "dynamic" if args.batch is None else args.batch
-    if args.saved_model:
-        export_saved_model(model, output, overwrite=args.force, **options)
-        print(f"wrote SavedModel {output} (batch {batch}, {w}x{h}, {args.layout}, {args.dtype})")
-        return 0
-    path = export_to_file(model, output, weights=args.weights, **options)
-    sidecar, weights_path = sidecar_paths(path)
-    size = path.stat().st_size / 2**20
-    extra = f" and {weights_path}" if args.weights == "argument" else ""
-    print(f"wrote {path} ({size:.1f} MiB; batch {batch}, {w}x{h}, {args.layout}, {args.dtype}), {sidecar}{extra}")
-    return 0
-
-
 __all__ = [
-    "add_export_arguments",
     "export_metadata",
     "export_model",
     "export_saved_model",
     "export_to_file",
     "load_exported",
     "model_weights",
-    "run_export",
     "save_exported",
     "sidecar_paths",
 ]

@@ -1,32 +1,49 @@
-"""Batch inference over files: decode and resize in threads, batch by shape bucket, run the compiled
-program on all local devices, and write masks, cut-outs and probabilities in threads, so the device
-does not wait on the disk and the disk does not wait on the device.
+"""Batch inference over files, in three stages that `predict` chains:
+
+* plan (`birefnet_jax.inference.plan.plan_predictions`): find the inputs, plan their output paths,
+  skip what is done; before any model is loaded;
+* run (`run_images`): decode and resize in threads, batch by shape bucket, run the compiled program on
+  all local devices, one batch kept on the device while the previous one comes back;
+* write (`ImageWriter`, `write_outputs`): bring the probabilities back to each image's size and write
+  masks, cut-outs and probabilities in threads,
+
+so the device does not wait on the disk and the disk does not wait on the device. Videos go through
+`birefnet_jax.inference.video.predict_videos` after the images.
 
 Memory stays bounded whatever the folder size: at most a window of decoded images is held (reads
-are submitted lazily, a few batches ahead), plus one partly filled batch per bucket.
+are submitted lazily, a few batches ahead), plus one partly filled batch per bucket, and at most a
+window of images waits to be written.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
+import contextlib
 import dataclasses
 import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
-from birefnet_jax.inference.buckets import SizePolicy, parse_size
-from birefnet_jax.inference.inputs import InputItem, list_inputs
-from birefnet_jax.inference.outputs import OutputPaths, plan_outputs, remove_stale_temporaries
-from birefnet_jax.io.images import DEFAULT_MAX_PIXELS, VIDEO_EXTENSIONS, read_image
+from birefnet_jax.inference.buckets import STEP, SizePolicy, parse_size
+from birefnet_jax.inference.inputs import InputItem
+from birefnet_jax.inference.outputs import KINDS, OutputPaths
+from birefnet_jax.inference.plan import InputSpecs, PredictPlan, plan_predictions
+from birefnet_jax.inference.predictor import Predictor, load_predictor
+from birefnet_jax.inference.refine import refine_foreground_strips
+from birefnet_jax.inference.video import predict_videos
+from birefnet_jax.io.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from birefnet_jax.io.masks import mask_to_uint8, write_npy, write_png
 from birefnet_jax.io.resize import resize_align_corners, resize_linear
+from birefnet_jax.model import BiRefNet
 
 
 @dataclasses.dataclass
@@ -64,6 +81,99 @@ class PredictSummary:
         return "\n".join(lines)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """Every option of `predict`, checked when built (ValueError naming the option).
+
+    resolution: None for the checkpoint's own, "WxH", (height, width), or "auto" (each image's own
+      size up to `max_pixels`, default the checkpoint's pixel count, in buckets of `bucket_step`, a
+      multiple of 32; both are used with "auto" only).
+    batch_size: images per program run (default: one per device); rounded up to a multiple of the
+      device count.
+    dtype: compute dtype when `model` is a checkpoint (e.g. "bfloat16"); default float32.
+    outputs: any of "mask" (8-bit PNG at the image's size), "cutout" (RGBA PNG, foreground colours
+      refined by blur fusion with `refine_radius`), "prob" (float32 .npy at the image's size).
+    overwrite: redo images whose outputs exist (by default they are skipped, so an interrupted run
+      resumes where it stopped).
+    workers: decoding / writing threads (None or 0: a default for this machine).
+    max_image_pixels: refuse images with more pixels (None: no limit).
+    devices: the devices to run on when `model` is a checkpoint or a `BiRefNet` (default: all local).
+    progress: show a progress bar (on stderr).
+    crop_refine: predict once, then again on the object's bounding box (plus `crop_margin`, a share of
+      the box) cut from the full-resolution image, and paste that prediction back: more detail for
+      images far larger than the model's resolution.
+    on_image: called with each input path once its outputs are written (e.g. for a progress hook).
+    """
+
+    resolution: str | tuple[int, int] | None = None
+    max_pixels: int | None = None
+    bucket_step: int = 128
+    batch_size: int | None = None
+    dtype: Any = None
+    outputs: Sequence[str] = ("mask",)
+    refine_radius: int = 90
+    overwrite: bool = False
+    workers: int | None = None
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS
+    devices: Sequence[Any] | None = None
+    progress: bool = True
+    crop_refine: bool = False
+    crop_margin: float = 0.1
+    on_image: Callable[[Path], None] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.outputs, str):
+            raise ValueError(f"outputs must be a sequence of kinds from {KINDS}, got the string {self.outputs!r}")
+        kinds = tuple(dict.fromkeys(self.outputs))
+        bad = [k for k in kinds if k not in KINDS]
+        if bad or not kinds:
+            raise ValueError(f"outputs must be some of {KINDS}, got {list(self.outputs)}")
+        object.__setattr__(self, "outputs", kinds)
+        self._check_resolution()
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be at least 1 (or None: one per device), got {self.batch_size!r}")
+        if not _is_int(self.refine_radius) or self.refine_radius < 1:
+            raise ValueError(f"refine_radius must be a positive number of pixels, got {self.refine_radius!r}")
+        if self.workers is not None and (not _is_int(self.workers) or self.workers < 0):
+            raise ValueError(f"workers must be a positive number of threads (None or 0: the default), "
+                             f"got {self.workers!r}")
+        if self.max_image_pixels is not None and (not _is_int(self.max_image_pixels) or self.max_image_pixels < 1):
+            raise ValueError(f"max_image_pixels must be a positive pixel count or None (no limit), "
+                             f"got {self.max_image_pixels!r}")
+        if isinstance(self.crop_margin, bool) or not isinstance(self.crop_margin, (int, float, np.number)) \
+                or not 0 <= self.crop_margin < float("inf"):
+            raise ValueError(f"crop_margin must be a share of the box, 0 or more, got {self.crop_margin!r}")
+        if self.on_image is not None and not callable(self.on_image):
+            raise ValueError(f"on_image must be callable or None, got {type(self.on_image).__name__}")
+
+    def _check_resolution(self) -> None:
+        resolution = self.resolution
+        if isinstance(resolution, str) and resolution == "auto":
+            if not _is_int(self.bucket_step) or self.bucket_step < STEP or self.bucket_step % STEP:
+                raise ValueError(f"bucket_step {self.bucket_step!r} must be a positive multiple of {STEP}")
+            if self.max_pixels is not None and (not _is_int(self.max_pixels)
+                                                or self.max_pixels < self.bucket_step ** 2):
+                raise ValueError(f"max_pixels {self.max_pixels!r} is below one {self.bucket_step}x{self.bucket_step} "
+                                 "bucket")
+        elif isinstance(resolution, str):
+            try:
+                parse_size(resolution)
+            except ValueError as e:
+                raise ValueError(f"resolution {e}; or 'auto', or None for the checkpoint's") from None
+        elif resolution is not None:
+            try:
+                h, w = (int(v) for v in resolution)
+            except (TypeError, ValueError):
+                raise ValueError(f"resolution must be None, 'auto', 'WxH' or (height, width), got {resolution!r}") \
+                    from None
+            if h < STEP or w < STEP or h % STEP or w % STEP:
+                raise ValueError(f"resolution {w}x{h}: both sides must be positive multiples of {STEP}")
+
+
 @dataclasses.dataclass
 class _Prepared:
     index: int
@@ -72,14 +182,11 @@ class _Prepared:
     model_input: np.ndarray  # (h, w, 3) uint8 at the bucket size
     bucket: tuple[int, int]  # the model input size (height, width)
     size: tuple[int, int]  # original (height, width)
-    rgb: np.ndarray | None  # original pixels, kept only for cut-outs
+    rgb: np.ndarray | None  # original pixels, kept only for cut-outs and crop refinement
     alpha: np.ndarray | None
 
 
 def _resolve_predictor(model, dtype, devices):
-    from birefnet_jax.inference.predictor import Predictor
-    from birefnet_jax.model import BiRefNet
-
     if isinstance(model, Predictor):
         return model
     if isinstance(model, BiRefNet):
@@ -94,10 +201,6 @@ def _resolve_predictor(model, dtype, devices):
 def _cached_predictor(spec: str, stamp, dtype: str | None, device_ids):
     """Predictors by checkpoint, so that repeated `predict` calls on the same checkpoint reuse the
     weights and compiled programs (two kept: a model's weights can be large)."""
-    import jax
-
-    from birefnet_jax.inference.predictor import load_predictor
-
     devices = None if device_ids is None else [d for d in jax.local_devices() if d.id in device_ids]
     return load_predictor(spec, dtype=None if dtype is None else jax.numpy.dtype(dtype), devices=devices)
 
@@ -110,131 +213,60 @@ def size_policy(resolution, default: tuple[int, int], *, max_pixels: int | None 
     if isinstance(resolution, str):
         if resolution == "auto":
             return SizePolicy(max_pixels=max_pixels or default[0] * default[1], step=bucket_step)
-        try:
-            return SizePolicy(fixed=parse_size(resolution))
-        except argparse.ArgumentTypeError as e:  # the command line's error type; a ValueError here
-            raise ValueError(str(e)) from None
+        return SizePolicy(fixed=parse_size(resolution))
     return SizePolicy(fixed=tuple(int(v) for v in resolution))
 
 
-def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, output: str | os.PathLike, *,
-            resolution=None, max_pixels: int | None = None, bucket_step: int = 128, batch_size: int | None = None,
-            dtype=None, outputs: Sequence[str] = ("mask",), refine_radius: int = 90, overwrite: bool = False,
-            workers: int | None = None, max_image_pixels: int | None = DEFAULT_MAX_PIXELS, devices=None,
-            progress: bool = True, crop_refine: bool = False, crop_margin: float = 0.1,
-            on_image: Callable[[Path], None] | None = None) -> PredictSummary:
-    """Predict masks for files, folders (recursive), globs or list files, writing under `output`
-    a tree that mirrors the inputs.
+# --------------------------------------------------------------------------------------------------
+# The run stage
 
-    model: a checkpoint (Orbax folder, `.pth`, `.safetensors`, `hf:<repo>`), a `Predictor` (its
-      compiled programs are reused across calls) or a `BiRefNet`.
-    resolution: None for the checkpoint's own, "WxH", (height, width), or "auto" (each image's own
-      size up to `max_pixels`, default the checkpoint's pixel count, in buckets of `bucket_step`).
-    outputs: any of "mask" (8-bit PNG at the image's size), "cutout" (RGBA PNG, foreground colours
-      refined by blur fusion with `refine_radius`), "prob" (float32 .npy at the image's size).
-    overwrite: redo images whose outputs exist (by default they are skipped, so an interrupted run
-      resumes where it stopped).
-    crop_refine: predict once, then again on the object's bounding box (plus `crop_margin`) cut from
-      the full-resolution image, and paste that prediction back: more detail for images far larger
-      than the model's resolution.
-    on_image: called with each input path once its outputs are written (e.g. for a progress hook).
 
-    Bad inputs never stop the batch: they are listed in the summary with the reason.
+def prepare_image(index: int, item: InputItem, paths: OutputPaths, policy: SizePolicy, *,
+                  max_image_pixels: int | None = DEFAULT_MAX_PIXELS, keep_rgb: bool = False,
+                  keep_alpha: bool = False) -> _Prepared:
+    """Decode one image and resize it to its bucket (in a reading thread)."""
+    decoded = read_image(item.path, max_pixels=max_image_pixels)
+    h, w = decoded.rgb.shape[:2]
+    bucket = policy.bucket(w, h)
+    small = resize_linear(decoded.rgb, bucket)
+    return _Prepared(index, item, paths, small, bucket, (h, w), decoded.rgb if keep_rgb else None,
+                     decoded.alpha if keep_alpha else None)
+
+
+def run_images(images: Sequence[tuple[InputItem, OutputPaths]], predictor, policy: SizePolicy,
+               summary: PredictSummary, *, batch: int, workers: int, window: int,
+               max_image_pixels: int | None = DEFAULT_MAX_PIXELS, keep_rgb: bool = False, keep_alpha: bool = False,
+               bar=None) -> Iterator[list[tuple[_Prepared, np.ndarray]]]:
+    """The device stage: yields each batch's (image, probabilities at its bucket size) as they come
+    back from the device.
+
+    Images are decoded and resized in `workers` threads, at most `window` ahead; grouped by bucket
+    and run `batch` at a time (`batch` a multiple of the predictor's device count; the last, short
+    batch of a bucket is padded, not recompiled), one batch kept on the device while the previous
+    one is handed over. An image that cannot be read, or a batch the device fails, is recorded in
+    `summary.failed` (and ticks `bar`), never stopping the others; `summary.buckets` counts the
+    images per bucket. Close the generator (e.g. `contextlib.closing`) if you stop early: that
+    cancels the pending reads.
     """
-    import jax
-
-    start = time.perf_counter()
-    specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if not specs:
-        raise ValueError("no inputs given")
-    items = list_inputs(specs)
-    if not items:
-        raise ValueError(f"no images found in {', '.join(map(str, specs))}")
-    kinds = tuple(dict.fromkeys(outputs))
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"--output {output} is a file; give a folder")
-    out_root = output.resolve()
-    items = [it for it in items if out_root not in it.path.resolve().parents]  # our own outputs are no inputs
-    if not items:
-        raise ValueError(f"the inputs hold nothing outside the output folder {output}")
-    predictor = _resolve_predictor(model, dtype, devices)
-    policy = size_policy(resolution, predictor.resolution, max_pixels=max_pixels, bucket_step=bucket_step)
-    batch = predictor.num_devices if batch_size is None else batch_size
-    if batch < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch}")
-    batch = predictor.padded_batch(batch)
-    workers = workers or min(8, (os.cpu_count() or 2) + 2)
-    compile_before = (predictor.compile_seconds, predictor.compile_count)
-
-    summary = PredictSummary()
-    videos = [it for it in items if it.path.suffix.lower() in VIDEO_EXTENSIONS]
-    images = [it for it in items if it.path.suffix.lower() not in VIDEO_EXTENSIONS]
-    plans = plan_outputs([it.rel for it in images], output, kinds)
-    todo = []
-    for item, plan in zip(images, plans, strict=True):
-        if not overwrite and not plan.missing():
-            summary.skipped += 1
-        else:
-            todo.append((item, plan))
-
-    remove_stale_temporaries([plan for _, plan in todo])  # left by a run that was killed
-    bar = _progress(len(todo), progress)
-    keep_pixels = "cutout" in kinds
-
-    def prepare(index: int, item: InputItem, plan: OutputPaths) -> _Prepared:
-        decoded = read_image(item.path, max_pixels=max_image_pixels)
-        h, w = decoded.rgb.shape[:2]
-        bucket = policy.bucket(w, h)
-        small = resize_linear(decoded.rgb, bucket)
-        return _Prepared(index, item, plan, small, bucket, (h, w), decoded.rgb if keep_pixels or crop_refine else None,
-                         decoded.alpha if keep_pixels else None)
-
-    def finish(p: _Prepared, prob_small: np.ndarray) -> None:
-        prob = resize_align_corners(prob_small, p.size)
-        if crop_refine:
-            prob = _crop_and_repredict(predictor, policy, p, prob, crop_margin)
-        mask = mask_to_uint8(prob)
-        if "prob" in p.outputs.paths:
-            write_npy(p.outputs.paths["prob"], prob.astype(np.float32))
-        if "cutout" in p.outputs.paths:
-            write_png(p.outputs.paths["cutout"], _cutout(p.rgb, p.alpha, mask, refine_radius))
-        if "mask" in p.outputs.paths:  # last: a mask on disk means the image is done
-            write_png(p.outputs.paths["mask"], mask)
-
     read_pool = ThreadPoolExecutor(workers, thread_name_prefix="birefnet-read")
-    write_pool = ThreadPoolExecutor(workers, thread_name_prefix="birefnet-write")
     reads: collections.deque[tuple[InputItem, Future]] = collections.deque()
-    writes: collections.deque[tuple[InputItem, Future]] = collections.deque()
     pending: dict[tuple[int, int], list[_Prepared]] = collections.defaultdict(list)
     inflight: collections.deque[tuple[list[_Prepared], jax.Array]] = collections.deque()
-    window = max(2 * batch, 2 * workers)
 
-    def settle_write(limit: int) -> None:
-        """Account for finished writes; wait on the oldest while more than `limit` are queued."""
-        while writes and (len(writes) > limit or writes[0][1].done()):
-            item, fut = writes.popleft()
-            try:
-                fut.result()
-                summary.done += 1
-                if on_image is not None:
-                    on_image(item.path)
-            except Exception as e:  # a failed write (disk full, permissions, ...) is this image's failure
-                summary.failed.append((item.path, f"{type(e).__name__}: {e}"))
+    def fail(path: Path, reason: str) -> None:
+        summary.failed.append((path, reason))
+        if bar is not None:
             bar.update(1)
 
-    def collect_oldest() -> None:
+    def collect_oldest() -> list[tuple[_Prepared, np.ndarray]]:
         group, probs = inflight.popleft()
         try:
             host = np.asarray(probs)[..., 0]
         except Exception as e:  # a device error fails this batch, not the run
             for p in group:
-                summary.failed.append((p.item.path, f"prediction failed: {type(e).__name__}: {e}"))
-                bar.update(1)
-            return
-        for p, prob_small in zip(group, host, strict=False):
-            writes.append((p.item, write_pool.submit(finish, p, prob_small)))
-        settle_write(limit=window)
+                fail(p.item.path, f"prediction failed: {type(e).__name__}: {e}")
+            return []
+        return list(zip(group, host, strict=False))
 
     def dispatch(bucket: tuple[int, int]) -> None:
         group = pending.pop(bucket)
@@ -246,15 +278,12 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, outp
             probs = predictor.run(stacked, probabilities=True)
         except Exception as e:
             for p in group:
-                summary.failed.append((p.item.path, f"prediction failed: {type(e).__name__}: {e}"))
-                bar.update(1)
+                fail(p.item.path, f"prediction failed: {type(e).__name__}: {e}")
             return
         inflight.append((group, probs))
-        if len(inflight) > 1:  # keep one batch on the device while the previous one is written
-            collect_oldest()
 
     try:
-        queue = iter(enumerate(todo))
+        queue = iter(enumerate(images))
         exhausted = False
         while True:
             while not exhausted and len(reads) < window:
@@ -262,36 +291,150 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, outp
                 if nxt is None:
                     exhausted = True
                     break
-                index, (item, plan) = nxt
-                reads.append((item, read_pool.submit(prepare, index, item, plan)))
+                index, (item, paths) = nxt
+                reads.append((item, read_pool.submit(prepare_image, index, item, paths, policy,
+                                                     max_image_pixels=max_image_pixels, keep_rgb=keep_rgb,
+                                                     keep_alpha=keep_alpha)))
             if not reads:
                 break
             item, fut = reads.popleft()
             try:
                 prepared = fut.result()
             except Exception as e:
-                summary.failed.append((item.path, _reason(e)))
-                bar.update(1)
+                fail(item.path, _reason(e))
                 continue
             group = pending[prepared.bucket]
             group.append(prepared)
             if len(group) == batch:
                 dispatch(prepared.bucket)
+                if len(inflight) > 1:  # keep one batch on the device while the previous one is written
+                    yield collect_oldest()
         for bucket in list(pending):
             dispatch(bucket)
+            if len(inflight) > 1:
+                yield collect_oldest()
         while inflight:
-            collect_oldest()
-        settle_write(limit=0)
-        if videos:
-            from birefnet_jax.inference.video import predict_videos
-
-            predict_videos(videos, predictor, policy, output, summary, kinds=kinds, batch=batch,
-                           overwrite=overwrite, progress=progress, refine_radius=refine_radius)
+            yield collect_oldest()
     finally:
-        for fut in (f for _, f in reads):
+        for _, fut in reads:
             fut.cancel()
         read_pool.shutdown(wait=True, cancel_futures=True)
-        write_pool.shutdown(wait=True)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, ImageReadError):
+        return e.reason
+    return f"{type(e).__name__}: {e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The write stage
+
+
+def write_outputs(paths: OutputPaths, prob: np.ndarray, rgb: np.ndarray | None = None,
+                  alpha: np.ndarray | None = None, refine_radius: int = 90) -> None:
+    """Write one image's outputs from its probabilities at the image's size (each file atomically):
+    "prob" as float32 .npy, "cutout" as RGBA PNG (needs the image's `rgb`, and its `alpha` if it has
+    one), and the 8-bit "mask" last, so that a mask on disk means the image is done."""
+    mask = mask_to_uint8(prob)
+    if "prob" in paths.paths:
+        write_npy(paths.paths["prob"], prob.astype(np.float32))
+    if "cutout" in paths.paths:
+        write_png(paths.paths["cutout"], _cutout(rgb, alpha, mask, refine_radius))
+    if "mask" in paths.paths:  # last: a mask on disk means the image is done
+        write_png(paths.paths["mask"], mask)
+
+
+def finish_image(p: _Prepared, prob_small: np.ndarray, *, predictor, policy: SizePolicy, refine_radius: int = 90,
+                 crop_refine: bool = False, crop_margin: float = 0.1) -> None:
+    """One image's probabilities at its bucket size -> its files (in a writing thread): resized back
+    to the image's size, predicted again on the object's box with `crop_refine`, written."""
+    prob = resize_align_corners(prob_small, p.size)
+    if crop_refine:
+        prob = _crop_and_repredict(predictor, policy, p, prob, crop_margin)
+    write_outputs(p.outputs, prob, p.rgb, p.alpha, refine_radius)
+
+
+class ImageWriter:
+    """The write stage: `finish(prepared, probabilities)` for each submitted image in `workers`
+    threads, accounted in `summary` as it completes (done, then `on_image(path)`; a failed write is
+    that image's failure), at most `window` images queued. Use as a context manager: leaving waits
+    for the writes already started."""
+
+    def __init__(self, finish: Callable[[_Prepared, np.ndarray], None], summary: PredictSummary, *, workers: int,
+                 window: int, on_image: Callable[[Path], None] | None = None, bar=None):
+        self.finish, self.summary, self.window, self.on_image, self.bar = finish, summary, window, on_image, bar
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="birefnet-write")
+        self.writes: collections.deque[tuple[InputItem, Future]] = collections.deque()
+
+    def submit(self, results: Sequence[tuple[_Prepared, np.ndarray]]) -> None:
+        """Queue the writes of a batch's images; waits on the oldest while more than `window` are queued."""
+        for p, prob_small in results:
+            self.writes.append((p.item, self.pool.submit(self.finish, p, prob_small)))
+        self.settle(limit=self.window)
+
+    def settle(self, limit: int = 0) -> None:
+        """Account for finished writes; wait on the oldest while more than `limit` are queued."""
+        writes, summary = self.writes, self.summary
+        while writes and (len(writes) > limit or writes[0][1].done()):
+            item, fut = writes.popleft()
+            try:
+                fut.result()
+                summary.done += 1
+                if self.on_image is not None:
+                    self.on_image(item.path)
+            except Exception as e:  # a failed write (disk full, permissions, ...) is this image's failure
+                summary.failed.append((item.path, f"{type(e).__name__}: {e}"))
+            if self.bar is not None:
+                self.bar.update(1)
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# predict
+
+
+def predict(inputs: InputSpecs, model, output: str | os.PathLike, *, options: PredictOptions | None = None,
+            **kwargs) -> PredictSummary:
+    """Predict masks for files, folders (recursive), globs or list files, writing under `output`
+    a tree that mirrors the inputs.
+
+    model: a checkpoint (Orbax folder, `.pth`, `.safetensors`, `hf:<repo>`), a `Predictor` (its
+      compiled programs are reused across calls) or a `BiRefNet`.
+    options: a `PredictOptions`, or its fields as keyword arguments (`resolution`, `outputs`,
+      `batch_size`, `overwrite`, `crop_refine`, ...; see `PredictOptions`), not both.
+
+    Bad inputs never stop the batch: they are listed in the summary with the reason.
+    """
+    if options is None:
+        options = PredictOptions(**kwargs)
+    elif kwargs:
+        raise TypeError(f"pass options=PredictOptions(...) or keyword options, not both (got {sorted(kwargs)})")
+    elif not isinstance(options, PredictOptions):
+        raise TypeError(f"options must be a PredictOptions, got {type(options).__name__}")
+    start = time.perf_counter()
+    plan = plan_predictions(inputs, output, outputs=options.outputs, overwrite=options.overwrite)
+    predictor = _resolve_predictor(model, options.dtype, options.devices)
+    policy = size_policy(options.resolution, predictor.resolution, max_pixels=options.max_pixels,
+                         bucket_step=options.bucket_step)
+    batch = predictor.padded_batch(predictor.num_devices if options.batch_size is None else options.batch_size)
+    compile_before = (predictor.compile_seconds, predictor.compile_count)
+
+    summary = PredictSummary(skipped=plan.skipped)
+    plan.remove_stale_temporaries()  # left by a run that was killed
+    bar = _progress(len(plan.images), options.progress)
+    try:
+        predict_images(plan, predictor, policy, summary, options, batch=batch, bar=bar)
+        if plan.videos:
+            predict_videos(plan.videos, predictor, policy, plan.output, summary, kinds=plan.kinds, batch=batch,
+                           overwrite=options.overwrite, progress=options.progress,
+                           refine_radius=options.refine_radius)
+    finally:
         bar.close()
     summary.wall_seconds = time.perf_counter() - start
     summary.compile_seconds = predictor.compile_seconds - compile_before[0]
@@ -299,19 +442,27 @@ def predict(inputs: str | os.PathLike | Sequence[str | os.PathLike], model, outp
     return summary
 
 
-def _reason(e: BaseException) -> str:
-    from birefnet_jax.io.images import ImageReadError
-
-    if isinstance(e, ImageReadError):
-        return e.reason
-    return f"{type(e).__name__}: {e}"
+def predict_images(plan: PredictPlan, predictor, policy: SizePolicy, summary: PredictSummary,
+                   options: PredictOptions, *, batch: int, bar=None) -> None:
+    """The run and write stages for the images of `plan`, accounted in `summary`."""
+    workers = options.workers or min(8, (os.cpu_count() or 2) + 2)
+    window = max(2 * batch, 2 * workers)
+    keep_pixels = "cutout" in plan.kinds
+    finish = functools.partial(finish_image, predictor=predictor, policy=policy, refine_radius=options.refine_radius,
+                               crop_refine=options.crop_refine, crop_margin=options.crop_margin)
+    with ImageWriter(finish, summary, workers=workers, window=window, on_image=options.on_image, bar=bar) as writer:
+        batches = run_images(plan.images, predictor, policy, summary, batch=batch, workers=workers, window=window,
+                             max_image_pixels=options.max_image_pixels,
+                             keep_rgb=keep_pixels or options.crop_refine, keep_alpha=keep_pixels, bar=bar)
+        with contextlib.closing(batches):
+            for results in batches:
+                writer.submit(results)
+        writer.settle(limit=0)
 
 
 def _cutout(rgb: np.ndarray, alpha: np.ndarray | None, mask: np.ndarray, radius: int) -> np.ndarray:
     """RGBA: colours from blur-fusion foreground estimation under the predicted mask; alpha is the
     mask, times the input's own alpha where it has one (transparent stays transparent)."""
-    from birefnet_jax.inference.refine import refine_foreground_strips
-
     fg = refine_foreground_strips(np.ascontiguousarray(rgb), mask, radius)
     a = mask if alpha is None else ((mask.astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
     return np.concatenate([fg, a[..., None]], axis=-1)
@@ -341,7 +492,5 @@ def _crop_and_repredict(predictor, policy: SizePolicy, p: _Prepared, prob: np.nd
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, unit="img", desc="predict", disable=not enabled or total == 0, file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)

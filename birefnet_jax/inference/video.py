@@ -51,10 +51,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from birefnet_jax._optional import MissingDependency
 from birefnet_jax.inference.buckets import SizePolicy
 from birefnet_jax.inference.inputs import InputItem
 from birefnet_jax.inference.outputs import mirror_paths
+from birefnet_jax.inference.refine import refine_foreground_strips
 from birefnet_jax.io.files import umask
 from birefnet_jax.io.masks import mask_to_uint8
 from birefnet_jax.io.resize import resize_align_corners, resize_linear
@@ -75,10 +78,8 @@ class VideoError(ValueError):
 
 def _import_cv2():
     """OpenCV, or MissingDependency naming the extra that brings it."""
-    from birefnet_jax._optional import MissingDependency
-
     try:
-        import cv2
+        import cv2  # optional (the `video` extra): imported only when a video is predicted
     except ImportError as e:
         raise MissingDependency("video inputs need opencv-python-headless, which is not installed: "
                                 "pip install 'birefnet-jax[video]'") from e
@@ -120,8 +121,6 @@ def predict_videos(videos: list[InputItem], predictor, policy: SizePolicy, outpu
             todo.append((item, plan))
     if not todo:
         return
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=0, unit="frame", desc="video", disable=not progress, file=sys.stderr, dynamic_ncols=True,
                smoothing=0.1)
     pool = ThreadPoolExecutor(min(8, (os.cpu_count() or 2) + 2), thread_name_prefix="birefnet-video")
@@ -249,8 +248,6 @@ class _Job:
         mask = mask_to_uint8(resize_align_corners(prob_small, size))
         out = {}
         if "cutout" in writers:
-            from birefnet_jax.inference.refine import refine_foreground_strips
-
             out["cutout"] = writers["cutout"].cutout_frame(refine_foreground_strips(full, mask, self.radius), mask)
         if "mask" in writers:
             out["mask"] = mask

@@ -19,6 +19,7 @@ from .evaluator import (  # noqa: E402
     evaluate_pair,
     skeleton_of,
 )
+from .folders import evaluate_folders  # noqa: E402
 from .io import PairingError, pair_by_stem, read_gray  # noqa: E402
 from .report import TASK_COLUMNS, columns_for, format_table  # noqa: E402
 
@@ -30,6 +31,7 @@ __all__ = [
     "TASK_COLUMNS",
     "columns_for",
     "evaluate_batch",
+    "evaluate_folders",
     "evaluate_pair",
     "format_table",
     "pair_by_stem",
