@@ -9,7 +9,8 @@ block checkpointed peaked higher than without (docs/performance.md has the figur
 backward rule recomputes the block from an input made data-dependent on the cotangent of the
 block's output, which exists only once the backward pass has come back down to this block. So one
 block's intermediates are live at a time. The weights are gated the same way, or XLA merges the
-recomputation's weight-only work with the forward's and keeps it live in between. `after` is the gate itself, for buffers that must not be allocated before their data.
+recomputation's weight-only work with the forward's and keeps it live in between. `after` is the
+gate itself, for buffers that must not be allocated before their data.
 
 The block may update its non-parameter state in the forward pass (dropout RNG counts, BatchNorm
 statistics): that update is an output of the forward, and the recomputation starts from the state
