@@ -6,7 +6,7 @@ from importlib.metadata import version as _version
 from birefnet_jax.backbones import CONFIG_CLASSES
 from birefnet_jax.config import BACKBONES, RELEASED_CONFIGS, BiRefNetConfig, get_preset
 from birefnet_jax.inference.export import export_model
-from birefnet_jax.inference.pipeline import PredictSummary, predict
+from birefnet_jax.inference.pipeline import PredictOptions, PredictSummary, predict
 from birefnet_jax.inference.predictor import Predictor, load_predictor, make_predict_fn
 from birefnet_jax.io.images import normalize
 from birefnet_jax.loading import load
@@ -26,6 +26,7 @@ __all__ = [
     "RELEASED_CONFIGS",
     "BiRefNet",
     "BiRefNetConfig",
+    "PredictOptions",
     "PredictSummary",
     "Predictor",
     "TrainOutputs",

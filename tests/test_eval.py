@@ -146,6 +146,7 @@ def test_skeletons_from_a_ske_folder(tmp_path):
     assert hce != evaluate_pair(pred, gt, ["HCE"]).HCE
 
 
+@pytest.mark.slow
 def test_eval_from_checkpoint_predicts_then_scores(tmp_path, converted):
     """--ckpt: images of any size are resized to the checkpoint's resolution, predicted, brought
     back to the ground truth's size, written as PNG and scored."""
@@ -213,7 +214,8 @@ def test_unwritable_save_dir_fails_before_prediction(tmp_path, where):
     assert not (tmp_path / "preds").exists()
 
 
-@pytest.mark.parametrize("mistake", ["no_such_dataset", "no_predictions", "no_such_method"])
+@pytest.mark.parametrize("mistake", ["no_such_dataset", pytest.param("no_predictions", marks=pytest.mark.slow),
+                                     pytest.param("no_such_method", marks=pytest.mark.slow)])
 def test_missing_dataset_or_predictions_is_an_error(tmp_path, mistake):
     """A data set without gt/ or without predictions (even one among several) stops everything up front;
     an earlier results.json stays as it was."""

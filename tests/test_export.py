@@ -78,6 +78,7 @@ def _modes(m):
             for path, node in nnx.iter_graph(m) if isinstance(node, nnx.Module)]
 
 
+@pytest.mark.slow
 def test_embedded_round_trip_leaves_the_model_alone(model, reference, tmp_path):
     """Embedded weights, static batch: saved, loaded and run gives the eval-mode logits, even when
     the caller's model is in train mode, which it stays (nothing of it changes)."""
@@ -113,6 +114,7 @@ def test_embedded_round_trip_leaves_the_model_alone(model, reference, tmp_path):
         ex.save_exported(exported, path, weights=ex.model_weights(model))
 
 
+@pytest.mark.slow
 def test_uint8_signature_multi_platform_weights_argument(model, reference, images_u8, tmp_path):
     """uint8 RGB in, probabilities out, lowered for CPU and CUDA together: on this machine it gives
     sigmoid(model(normalize(images))). Weights are an argument: the program stays small."""
@@ -139,6 +141,7 @@ def test_uint8_signature_multi_platform_weights_argument(model, reference, image
     _close(probs, jax.nn.sigmoid(ref[:1]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_symbolic_batch_standalone_loader(model, tmp_path):
     """One program with a symbolic batch and weights as an argument, run by a process that loads
     the serving module (`inference/exported.py`) by file path and never imports birefnet_jax or
@@ -223,6 +226,7 @@ def test_options_refused(model):
         ex.export_model(model, batch=0, resolution=(64, 64))
 
 
+@pytest.mark.slow
 def test_saved_model(model, reference, tmp_path, monkeypatch):
     """The TF SavedModel (jax2tf) serves the same logits; skipped without TensorFlow."""
     # TF's own XLA reads XLA_FLAGS when it first compiles (JAX read it long before): FAST_COMPILE for

@@ -138,6 +138,7 @@ def test_masks_match_the_manual_path_at_original_sizes(tmp_path, predictor):
         np.testing.assert_array_equal(mask_to_uint8(prob), got)
 
 
+@pytest.mark.slow
 def test_mixed_sizes_compile_once_per_bucket_and_pad_the_last_batch(tmp_path, model):
     sizes = [(50, 70), (52, 68), (90, 40), (88, 44), (130, 130), (64, 64), (128, 120)]
     for i, (h, w) in enumerate(sizes):
@@ -155,6 +156,7 @@ def test_mixed_sizes_compile_once_per_bucket_and_pad_the_last_batch(tmp_path, mo
         assert Image.open(tmp_path / "out" / f"{i}.png").size == (w, h)
 
 
+@pytest.mark.slow
 def test_repeated_calls_on_a_checkpoint_path_reuse_the_programs(tmp_path, converted):
     ckpt = tmp_path / "ckpt"
     assert main(["convert", str(converted("swin_nobn")), str(ckpt), "--resolution", "64x64"]) == 0
@@ -164,6 +166,7 @@ def test_repeated_calls_on_a_checkpoint_path_reuse_the_programs(tmp_path, conver
     assert first.compile_count == 1 and second.compile_count == 0
 
 
+@pytest.mark.slow
 def test_fixed_resolution_with_a_short_last_batch_compiles_once(tmp_path, model):
     for i in range(5):
         save(Image.fromarray(rgb(30 + i, 40, i)), tmp_path / "in" / f"{i}.png")
@@ -172,6 +175,7 @@ def test_fixed_resolution_with_a_short_last_batch_compiles_once(tmp_path, model)
     assert s.done == 5 and s.compile_count == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.local_device_count() < 2, reason="needs several (forced) CPU devices")
 def test_many_devices_give_the_same_masks_as_one(tmp_path, model):
     for i in range(5):
@@ -211,6 +215,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_images(tmp_path, pr
     assert s.done == 6 and s.skipped == 0
 
 
+@pytest.mark.slow
 def test_a_killed_process_resumes(tmp_path, converted):
     """SIGKILL midway (no cleanup runs at all): the rerun skips what was written, leaves it untouched,
     does the rest, and clears the temporary files the killed run left."""
@@ -323,6 +328,7 @@ def test_crop_refine_predicts_the_box_again(tmp_path, predictor):
     assert s.done == 1 and Image.open(tmp_path / "crop" / "big.png").size == (300, 400)
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path, converted, capsys):
     ckpt = tmp_path / "ckpt"
     assert main(["convert", str(converted("swin_nobn")), str(ckpt), "--resolution", "64x64"]) == 0
@@ -352,6 +358,7 @@ def test_read_image_sees_through_exif_for_the_mask_size(tmp_path):
     assert read_image(p).rgb.shape == (30, 10, 3)
 
 
+@pytest.mark.slow
 def test_compile_cache_persists_programs(tmp_path, converted):
     """--compile-cache: a second process finds the programs the first one compiled."""
     import subprocess

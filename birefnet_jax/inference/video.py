@@ -64,9 +64,9 @@ from birefnet_jax.io.resize import resize_align_corners, resize_linear
 
 VIDEO_KINDS: tuple[str, ...] = ("mask", "cutout")
 _SUFFIX = {"mask": "_mask.mkv", "cutout": "_cutout.mkv"}
-# Lossless codecs OpenCV's FFmpeg writer has everywhere. FFV1 squeezes a flat grey mask to a few KB per
-# 1080p frame at ~17 ms; for camera-like BGRA HuffYUV encodes ~8x faster than FFV1 (~25 vs ~180 ms per
-# 1080p frame on one core; OpenCV gives the encoder no threads), for files ~1.5x larger.
+# Lossless codecs OpenCV's FFmpeg writer has everywhere. FFV1 squeezes a flat grey mask to very little;
+# for camera-like BGRA HuffYUV encodes several times faster than FFV1 (OpenCV gives the encoder no
+# threads), for somewhat larger files.
 _FOURCC = {"mask": "FFV1", "cutout": "HFYU"}
 DEFAULT_FPS = 25.0  # for streams that do not say their rate
 _END = object()  # the decoder's last word
