@@ -67,7 +67,8 @@ def _expected_config(name: str) -> BiRefNetConfig:
     return BiRefNetConfig(backbone=BACKBONES[name], **_meta(name)["config_overrides"])
 
 
-@pytest.fixture(scope="module", params=NAMES)
+# vgg16 differs from vgg16bn only by its BatchNorms: the fast tier keeps vgg16bn and resnet50.
+@pytest.fixture(scope="module", params=[pytest.param("vgg16", marks=pytest.mark.slow), "vgg16bn", "resnet50"])
 def case(request, tmp_path_factory):
     """(name, recipe state dict, the model loaded from it written as .safetensors); module
     scope groups the tests by backbone, so only one ~40M-parameter model is alive at a time."""

@@ -124,7 +124,7 @@ def test_cli_convert_verify_export(tmp_path, converted, capsys):
 
 
 @pytest.mark.parametrize("bb,expected", [pytest.param("swin_v1_l", 220_176_498, marks=pytest.mark.slow),
-                                         ("swin_v1_t", 44_313_720),
+                                         pytest.param("swin_v1_t", 44_313_720, marks=pytest.mark.slow),
                                          pytest.param("pvt_v2_b2", 39_665_678, marks=pytest.mark.slow)])
 def test_real_presets_parameter_counts(bb, expected):
     cfg = BiRefNetConfig(backbone=BACKBONES[bb])

@@ -190,6 +190,7 @@ def _export_args(*argv):
     return cli.parse_args(["export", *(str(a) for a in argv)])
 
 
+@pytest.mark.slow
 def test_cli(converted, tmp_path, capsys):
     """`birefnet-jax export`: the checkpoint's training size by default, files written, an existing
     output kept unless --force, sizes not multiples of 32 refused."""

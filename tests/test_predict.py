@@ -87,6 +87,7 @@ def odd_folder(root):
     return good, bad
 
 
+@pytest.mark.slow
 def test_bad_inputs_never_stop_the_batch(tmp_path, predictor, capsys):
     good, bad = odd_folder(tmp_path / "in")
     s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False, outputs=("mask", "cutout"))
@@ -104,6 +105,7 @@ def test_bad_inputs_never_stop_the_batch(tmp_path, predictor, capsys):
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_huge_image_in_bounded_memory(tmp_path, predictor):
     """12000x9000 (above Pillow's decompression-bomb limit): predicted at the model's size, the mask
     brought back to full size; host memory stays a few full-size arrays (decoded RGB 324 MB, the

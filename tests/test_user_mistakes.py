@@ -76,6 +76,7 @@ def test_force_never_replaces_what_is_not_a_checkpoint(tmp_path, converted, caps
     assert snapshot(tmp_path) == before  # and no renamed copies left behind
 
 
+@pytest.mark.slow
 def test_force_replaces_our_own_checkpoint(tmp_path, converted, capsys):
     src, dst = converted("swin_nobn"), tmp_path / "ckpt"
     assert main(["convert", str(src), str(dst)]) == 0
