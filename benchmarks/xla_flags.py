@@ -6,7 +6,7 @@ output against the default options' output. Prints one JSON line per option set.
 
 The package sets none of these by default: on this project's 2-core AVX-512/AMX machine (jax
 0.10.2) none was faster by more than the noise on the whole model, and switching off the
-YNNPACK fusions halves bfloat16 matmul speed (see the README's speed section).
+YNNPACK fusions halves bfloat16 matmul speed (see docs/performance.md).
 """
 
 from __future__ import annotations

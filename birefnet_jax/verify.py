@@ -40,7 +40,8 @@ def verify(checkpoint: str | os.PathLike, reference: str | os.PathLike, *,
         raise ValueError(f"{reference}: not a readable .npz file ({e})") from e
     names = sorted((k for k in data.files if k.startswith("input") and "/" not in k), key=lambda k: int(k[5:] or 0))
     if not names:
-        raise ValueError(f"{reference}: no 'input<i>' arrays; see the README for the expected layout")
+        raise ValueError(f"{reference}: no 'input<i>' arrays; see docs/inference.md (conversion and verification) "
+                         "for the expected layout")
     missing = [n for n in names if "output" + n[5:] not in data.files]
     if missing:
         raise ValueError(f"{reference}: no outputs for {missing}")

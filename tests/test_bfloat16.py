@@ -1,5 +1,5 @@
-"""bfloat16 compute (`load(..., dtype=jnp.bfloat16)`): runs, stays finite, keeps float32 where the
-README says (parameters, BatchNorm statistics, norms, softmax, deformable sampling positions), and
+"""bfloat16 compute (`load(..., dtype=jnp.bfloat16)`): runs, stays finite, keeps float32 where
+docs/inference.md says (parameters, BatchNorm statistics, norms, softmax, deformable sampling positions), and
 stays close to the float32 reference by the bounds below.
 
 The reference models have random uniform weights, far less tame than trained ones: their bfloat16

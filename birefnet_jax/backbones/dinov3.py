@@ -217,7 +217,7 @@ def _attend(q, k, v, scale):
 def _attend_blocked(q, k, v, scale):
     """`_attend` over blocks of queries (`jax.lax.map`) when the logits would not fit in memory
     comfortably, in a heads-first layout transposed once (per block, the (B, N, heads, D) layout
-    re-laid k and v out for every matmul: 2.3x slower for ViT-B at 1024x1024 on this CPU)."""
+    re-laid k and v out for every matmul, markedly slower on a CPU)."""
     b, n, h, d = q.shape
     steps = -(-n * k.shape[1] * h // _ATTN_BLOCK)  # per image (the batch may be symbolic under jax.export)
     if steps <= 1:

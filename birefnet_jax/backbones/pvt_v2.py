@@ -106,7 +106,7 @@ def _depthwise3x3(x, kernel, bias, pad_top=1, pad_bottom=1):
     the left and right and `pad_top` / `pad_bottom` (0 or 1) rows above / below.
 
     Written as nine shifted copies times per-channel taps: one elementwise loop for XLA, where a
-    convolution with `feature_group_count=C` runs 5-30x slower on CPU. Summed, and returned, in
+    convolution with `feature_group_count=C` runs many times slower on CPU. Summed, and returned, in
     float32 at least. (One slice and pad per tap, centre tap first: other arrangements ran slower
     in XLA's CPU loop.)
     """

@@ -68,7 +68,7 @@ DIS5K/DIS-TR/gt, DIS5K/DIS-VD/..., DIS5K/DIS-TE1/... to DIS5K/DIS-TE4/...
 """
 
 _ORIENTATION_TAG = 0x0112
-_PNG_COMPRESS_LEVEL = 1  # masks are mostly flat and compress well anyway; level 6 is ~3x slower
+_PNG_COMPRESS_LEVEL = 1  # masks are mostly flat and compress well anyway; the default level is much slower
 
 
 def _tfds():
