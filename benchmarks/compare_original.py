@@ -365,11 +365,11 @@ def ours_worker(spec: dict) -> None:
         import jax.numpy as jnp
 
         import birefnet_jax
-        from birefnet_jax.config import get_preset
         from birefnet_jax.convert import read_state_dict
         from birefnet_jax.inference.predictor import Predictor
         from birefnet_jax.loading import model_from_state_dict
         from birefnet_jax.model import random_model
+        from birefnet_jax.pretrained import get_preset
 
         size = spec["resolution"]
         dtype = None if spec["dtype"] == "float32" else jnp.dtype(spec["dtype"])

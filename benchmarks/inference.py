@@ -92,10 +92,10 @@ def run_ours(job: dict) -> dict:
     import jax.numpy as jnp
     from PIL import Image
 
-    from birefnet_jax.config import get_preset
     from birefnet_jax.inference import predict
     from birefnet_jax.inference.predictor import Predictor
     from birefnet_jax.model import random_model
+    from birefnet_jax.pretrained import get_preset
 
     h, w = job["resolution"]
     batch, dtype = job["batch"], job["dtype"]
@@ -295,7 +295,8 @@ def main():
         return
 
     from birefnet_jax.cli import parse_size
-    from birefnet_jax.config import backbone_name, get_preset
+    from birefnet_jax.config import backbone_name
+    from birefnet_jax.pretrained import get_preset
 
     resolution = parse_size(args.resolution)
     cfg = get_preset(args.preset)

@@ -238,10 +238,10 @@ def ours_train_worker(spec: dict) -> None:
         from flax import nnx
 
         import birefnet_jax
-        from birefnet_jax.config import get_preset
         from birefnet_jax.convert import infer_config, read_state_dict
         from birefnet_jax.loading import model_from_state_dict
         from birefnet_jax.model import random_model, set_remat
+        from birefnet_jax.pretrained import get_preset
         from birefnet_jax.train.batchnorm import set_train_mode
         from birefnet_jax.train.optim import OptimConfig, make_optimizer
         from birefnet_jax.train.step import make_train_step

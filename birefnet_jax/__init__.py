@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from birefnet_jax.backbones import CONFIG_CLASSES
-from birefnet_jax.config import BACKBONES, RELEASED_CONFIGS, BiRefNetConfig, get_preset
+from birefnet_jax.config import BACKBONES, BiRefNetConfig
 from birefnet_jax.inference.export import export_model
 from birefnet_jax.inference.pipeline import PredictOptions, PredictSummary, predict
 from birefnet_jax.inference.predictor import Predictor, load_predictor, make_predict_fn
@@ -12,6 +12,7 @@ from birefnet_jax.io.images import normalize
 from birefnet_jax.loading import load
 from birefnet_jax.model import BiRefNet, TrainOutputs
 from birefnet_jax.nn.state import count_params
+from birefnet_jax.pretrained import RELEASED_CONFIGS, RELEASES, Release, get_preset, get_release
 
 # Every backbone family's config class (`SwinConfig`, `DinoV3Config`, ...), from the backbone table.
 globals().update(CONFIG_CLASSES)
@@ -24,16 +25,19 @@ except PackageNotFoundError:  # not installed (a source tree on sys.path)
 __all__ = [
     "BACKBONES",
     "RELEASED_CONFIGS",
+    "RELEASES",
     "BiRefNet",
     "BiRefNetConfig",
     "PredictOptions",
     "PredictSummary",
     "Predictor",
+    "Release",
     "TrainOutputs",
     "__version__",
     "count_params",
     "export_model",
     "get_preset",
+    "get_release",
     "load",
     "load_predictor",
     "make_predict_fn",

@@ -1,4 +1,4 @@
-"""The `birefnet-jax` command: `convert`, `verify`, `predict`, `export` and `eval`.
+"""The `birefnet-jax` command: `convert`, `verify`, `predict`, `export`, `eval` and `models`.
 
 Sizes are written WIDTHxHEIGHT, as the original's `--resolution` (e.g. 2560x1440).
 """
@@ -26,6 +26,7 @@ from birefnet_jax.inference.exported import sidecar_paths
 from birefnet_jax.inference.pipeline import PredictOptions, predict
 from birefnet_jax.inference.predictor import load_predictor
 from birefnet_jax.loading import load
+from birefnet_jax.pretrained import RELEASES, all_names, table_rows
 from birefnet_jax.verify import verify
 
 
@@ -174,11 +175,13 @@ def _add_predict(sub) -> None:
                                    "Exit status 1 if any input failed (each is named with its reason).")
     p.add_argument("inputs", nargs="+", help="image or video files, folders (recursive), globs, or .txt lists")
     p.add_argument("-m", "--model", required=True,
-                   help="Orbax checkpoint folder, .pth, .safetensors, or hf:<owner>/<repo>[/<file>]")
+                   help="Orbax checkpoint folder, .pth, .safetensors, hf:<owner>/<repo>[/<file>], or a released "
+                        "checkpoint's name (birefnet-jax models), e.g. BiRefNet_HR")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--resolution", type=argument_type(parse_resolution), default=None,
                    help="model input size: WxH (multiples of 32), or 'auto' (each image's own size up to "
-                        "--max-pixels, in buckets of --bucket-step); default: the checkpoint's")
+                        "--max-pixels, in buckets of --bucket-step); default: the checkpoint's ('auto' for the dynamic "
+                        "releases)")
     p.add_argument("--max-pixels", type=int, default=None, help="with --resolution auto (default: the checkpoint's)")
     p.add_argument("--bucket-step", type=int, default=128, help="with --resolution auto: side granularity "
                    "(multiple of 32; coarser = fewer compilations)")
@@ -384,6 +387,50 @@ def _add_eval(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# models
+
+MODEL_COLUMNS = ("name", "backbone", "resolution", "task", "hub repository", "release file")
+
+
+def models_table(markdown: bool = False) -> str:
+    """The released checkpoints as an aligned text table, or a markdown one."""
+    rows = [(f"{r[0]}*" if RELEASES[r[0]].note and not markdown else r[0], *r[1:]) for r in table_rows()]
+    if markdown:
+        lines = ["| " + " | ".join(MODEL_COLUMNS) + " |", "|" + "---|" * len(MODEL_COLUMNS)]
+        lines += ["| " + " | ".join(f"`{v}`" if v != "-" and i in (0, 4, 5) else v for i, v in enumerate(row)) + " |"
+                  for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in (MODEL_COLUMNS, *rows)) for i in range(len(MODEL_COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in (MODEL_COLUMNS, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_models(args) -> int:
+    print(models_table(markdown=args.markdown))
+    if args.markdown:
+        return 0
+    aliases = [f"{a} (= {r.name})" for r in RELEASES.values() for a in r.aliases]
+    print(f"\nalso accepted: {', '.join(aliases)}")
+    for r in RELEASES.values():
+        if r.note:
+            print(f"* {r.name}: {r.note}")
+    print("\nrun one by name (fetched from its hub repository and cached): birefnet-jax predict -m BiRefNet_HR "
+          "IMAGES -o OUT\noffline: download https://huggingface.co/<hub repository>/resolve/main/model.safetensors, "
+          "keep it named <name>.safetensors, and pass -m /path/to/<name>.safetensors")
+    return 0
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the released checkpoints (names for -m / load)",
+                       description="The checkpoints the BiRefNet authors release: each name works as predict's -m, "
+                                   "convert's source and birefnet_jax.load(name), with the resolution it was "
+                                   f"trained at. Names: {', '.join(all_names())}.")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.set_defaults(func=cmd_models)
+
+
+# --------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -393,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="original .pth/.safetensors -> Orbax checkpoint (or back to .safetensors)")
-    p.add_argument("src", help=".pth, .safetensors, hf:<owner>/<repo>[/<file>] or an Orbax checkpoint folder")
+    p.add_argument("src", help=".pth, .safetensors, hf:<owner>/<repo>[/<file>], a released checkpoint's name "
+                               "(birefnet-jax models) or an Orbax checkpoint folder")
     p.add_argument("dst", help="Orbax checkpoint folder, or a .safetensors path for a PyTorch-layout export")
     p.add_argument("--force", action="store_true",
                    help="replace dst if it is a checkpoint this tool wrote (never any other folder)")
@@ -408,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_export(sub)
     _add_eval(sub)
+    _add_models(sub)
     return parser
 
 

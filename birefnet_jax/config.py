@@ -64,6 +64,8 @@ class BiRefNetConfig:
     dropout: float = 0.5
     # (height, width) the checkpoint was trained at; inputs are resized to it (the original's size is (w, h)).
     resolution: tuple[int, int] = (1024, 1024)
+    # (smallest, largest) side of dynamic-size training, or None; if set, predict keeps sizes up to largest^2 pixels.
+    dynamic_size: tuple[int, int] | None = None
     # Training only: no gradient and no optimiser state for the backbone; None: the original's rule (frozen for DINOv3).
     freeze_backbone: bool | None = None
 
@@ -96,6 +98,11 @@ class BiRefNetConfig:
         if len(res) != 2 or any(not isinstance(v, int) or v < 32 or v % 32 for v in res):
             problems.append(f"resolution={self.resolution!r}: expected (height, width), each a positive multiple "
                             "of 32 (the backbone downsamples 32x), e.g. (1024, 1024)")
+        if self.dynamic_size is not None:
+            dyn = tuple(self.dynamic_size)
+            if len(dyn) != 2 or any(not isinstance(v, int) or v < 32 or v % 32 for v in dyn) or dyn[0] > dyn[1]:
+                problems.append(f"dynamic_size={self.dynamic_size!r}: expected None or (smallest, largest) side, "
+                                "multiples of 32, e.g. (256, 2304)")
         if self.freeze_backbone not in (None, True, False):
             problems.append(f"freeze_backbone={self.freeze_backbone!r}: expected None, True or False")
         if self.dec_channels_inter not in ("fixed", "adap"):
@@ -173,55 +180,12 @@ def backbone_name(bb: BackboneConfig) -> str | None:
     return None
 
 
-def _released(bb: str, resolution=(1024, 1024)) -> BiRefNetConfig:
-    return BiRefNetConfig(backbone=BACKBONES[bb], resolution=resolution)
-
-
-# The released checkpoints (all with the default decoder) and the resolution each was trained at.
-RELEASED_CONFIGS: dict[str, BiRefNetConfig] = {
-    "BiRefNet": _released("swin_v1_l"),
-    "BiRefNet-general": _released("swin_v1_l"),
-    "BiRefNet-DIS5K": _released("swin_v1_l"),
-    "BiRefNet-COD": _released("swin_v1_l"),
-    "BiRefNet-HRSOD": _released("swin_v1_l"),
-    "BiRefNet-DIS5K-TR_TEs": _released("swin_v1_l"),
-    "BiRefNet-massive": _released("swin_v1_l"),
-    "BiRefNet-portrait": _released("swin_v1_l"),
-    "BiRefNet-matting": _released("swin_v1_l"),
-    "BiRefNet_dynamic": _released("swin_v1_l"),
-    "BiRefNet_dynamic-matting": _released("swin_v1_l"),
-    "BiRefNet_512x512": _released("swin_v1_l", (512, 512)),
-    "BiRefNet_HR": _released("swin_v1_l", (2048, 2048)),
-    "BiRefNet_HR-matting": _released("swin_v1_l", (2048, 2048)),
-    "BiRefNet_lite": _released("swin_v1_t"),
-    "BiRefNet_lite-matting": _released("swin_v1_t"),
-    "BiRefNet_lite-2K": _released("swin_v1_t", (1440, 2560)),
-    "BiRefNet-pvt_v2_b2": _released("pvt_v2_b2"),
-}
-# Spellings used on the hub.
-RELEASED_CONFIGS["BiRefNet-HR"] = RELEASED_CONFIGS["BiRefNet_HR"]
-RELEASED_CONFIGS["BiRefNet-HR-matting"] = RELEASED_CONFIGS["BiRefNet_HR-matting"]
-
-
-def get_preset(name: str) -> BiRefNetConfig:
-    """The config of a released checkpoint (`RELEASED_CONFIGS`), or the released decoder on a named
-    backbone (`BACKBONES`)."""
-    if name in RELEASED_CONFIGS:
-        return RELEASED_CONFIGS[name]
-    if name in BACKBONES:
-        return _released(name)
-    raise KeyError(f"unknown preset {name!r}; known: {sorted(RELEASED_CONFIGS)} or a backbone name "
-                   f"{sorted(BACKBONES)}")
-
-
 __all__ = [
     "BACKBONES",
     "BACKBONE_KINDS",
     "NECK_CHANNELS",
-    "RELEASED_CONFIGS",
     "SINGLE_STRIDE_KINDS",
     "BackboneConfig",
     "BiRefNetConfig",
     "backbone_name",
-    "get_preset",
 ]

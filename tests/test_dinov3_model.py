@@ -25,12 +25,13 @@ from reference_models import case_meta, state_dict_from_recipe
 import birefnet_jax
 from birefnet_jax.backbones import dinov3
 from birefnet_jax.backbones.dinov3 import DinoV3Config
-from birefnet_jax.config import BACKBONES, NECK_CHANNELS, BiRefNetConfig, get_preset
+from birefnet_jax.config import BACKBONES, NECK_CHANNELS, BiRefNetConfig
 from birefnet_jax.convert import infer_config, model_to_state_dict, write_safetensors
 from birefnet_jax.convert.infer import ArchitectureError
 from birefnet_jax.convert.keymap import _to_torch_layout, path_to_torch_key
 from birefnet_jax.model import abstract_model, random_model
 from birefnet_jax.nn.state import count_params, state_path_name
+from birefnet_jax.pretrained import get_preset
 from birefnet_jax.train.optim import OptimConfig, freeze_backbone_if, make_optimizer
 from birefnet_jax.verify import relative_error
 

@@ -16,6 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("birefnet_jax.nn",),  # layers, BatchNorm, deformable conv, remat, scan, state utilities
     ("birefnet_jax.backbones",),  # one file per family, the registry, key filters
     ("birefnet_jax.config",),
+    ("birefnet_jax.pretrained",),  # the released checkpoints: names, files, training settings
     ("birefnet_jax.modules",),  # decoder, blocks, ASPP
     ("birefnet_jax.model",),
     ("birefnet_jax.convert", "birefnet_jax.checkpoint"),  # foreign weights; Orbax model checkpoints

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from birefnet_jax.checkpoint import save_model
-from birefnet_jax.config import RELEASED_CONFIGS
 from birefnet_jax.model import random_model
 from birefnet_jax.nn.state import state_path_name
+from birefnet_jax.pretrained import RELEASED_CONFIGS
 from birefnet_jax.train import losses
 from birefnet_jax.train.optim import OptimConfig
 from birefnet_jax.train.trainer import _optim_config, load_weights_into, model_config

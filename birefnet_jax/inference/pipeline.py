@@ -91,7 +91,9 @@ class PredictOptions:
 
     resolution: None for the checkpoint's own, "WxH", (height, width), or "auto" (each image's own
       size up to `max_pixels`, default the checkpoint's pixel count, in buckets of `bucket_step`, a
-      multiple of 32; both are used with "auto" only).
+      multiple of 32; both are used with "auto" only). A checkpoint trained at many sizes (its
+      `cfg.dynamic_size`, e.g. BiRefNet_dynamic) runs "auto" when this is None, up to its largest
+      training side squared.
     batch_size: images per program run (default: one per device); rounded up to a multiple of the
       device count.
     dtype: compute dtype when `model` is a checkpoint (e.g. "bfloat16"); default float32.
@@ -206,13 +208,21 @@ def _cached_predictor(spec: str, stamp, dtype: str | None, device_ids):
 
 
 def size_policy(resolution, default: tuple[int, int], *, max_pixels: int | None = None,
-                bucket_step: int = 128) -> SizePolicy:
-    """`resolution`: None (the checkpoint's own), "auto", "WxH" or (height, width)."""
+                bucket_step: int = 128, dynamic_size: tuple[int, int] | None = None) -> SizePolicy:
+    """`resolution`: None (the checkpoint's own), "auto", "WxH" or (height, width).
+
+    `default` and `dynamic_size` are the checkpoint's (`cfg.resolution`, `cfg.dynamic_size`): a
+    checkpoint trained at many sizes runs "auto" by default, and "auto" goes up to its largest
+    training side squared (else to its resolution's pixel count) unless `max_pixels` says otherwise.
+    """
     if resolution is None:
-        return SizePolicy(fixed=tuple(default))
+        if dynamic_size is None:
+            return SizePolicy(fixed=tuple(default))
+        resolution = "auto"
     if isinstance(resolution, str):
         if resolution == "auto":
-            return SizePolicy(max_pixels=max_pixels or default[0] * default[1], step=bucket_step)
+            cap = dynamic_size[1] ** 2 if dynamic_size is not None else default[0] * default[1]
+            return SizePolicy(max_pixels=max_pixels or cap, step=bucket_step)
         return SizePolicy(fixed=parse_size(resolution))
     return SizePolicy(fixed=tuple(int(v) for v in resolution))
 
@@ -421,7 +431,7 @@ def predict(inputs: InputSpecs, model, output: str | os.PathLike, *, options: Pr
     plan = plan_predictions(inputs, output, outputs=options.outputs, overwrite=options.overwrite)
     predictor = _resolve_predictor(model, options.dtype, options.devices)
     policy = size_policy(options.resolution, predictor.resolution, max_pixels=options.max_pixels,
-                         bucket_step=options.bucket_step)
+                         bucket_step=options.bucket_step, dynamic_size=predictor.config.dynamic_size)
     batch = predictor.padded_batch(predictor.num_devices if options.batch_size is None else options.batch_size)
     compile_before = (predictor.compile_seconds, predictor.compile_count)
 

@@ -23,10 +23,11 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from birefnet_jax.config import BiRefNetConfig, get_preset
+from birefnet_jax.config import BiRefNetConfig
 from birefnet_jax.loading import load
 from birefnet_jax.model import BiRefNet, set_remat
 from birefnet_jax.nn.state import state_path_name
+from birefnet_jax.pretrained import get_preset
 from birefnet_jax.train import losses
 from birefnet_jax.train.batchnorm import set_train_mode
 from birefnet_jax.train.checkpointing import TrainCheckpointer
