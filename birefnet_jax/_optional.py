@@ -11,6 +11,7 @@ _PACKAGES = {
     "scipy": ("scipy", "eval"),
     "skimage": ("scikit-image", "eval"),
     "matplotlib": ("matplotlib", "eval"),
+    "av": ("av", "video"),
     "torch": ("torch", "torch"),
     "huggingface_hub": ("huggingface_hub", "hub"),
     "tensorflow": ("tensorflow-cpu", "train"),
