@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError
@@ -21,7 +22,14 @@ from birefnet_jax.checkpoint import check_replaceable, save_model
 from birefnet_jax.config import backbone_name
 from birefnet_jax.convert import model_to_state_dict, write_safetensors
 from birefnet_jax.inference.buckets import parse_size
-from birefnet_jax.inference.export import LAYOUTS, WEIGHTS_MODES, export_saved_model, export_to_file
+from birefnet_jax.inference.export import (
+    LAYOUTS,
+    PLATFORMS,
+    WEIGHTS_MODES,
+    check_platforms,
+    export_saved_model,
+    export_to_file,
+)
 from birefnet_jax.inference.exported import sidecar_paths
 from birefnet_jax.inference.pipeline import PredictOptions, predict
 from birefnet_jax.inference.predictor import load_predictor
@@ -81,6 +89,11 @@ def parse_batch(text: str) -> int | None:
     if value < 1:
         raise ValueError(f"{text!r}: expected a positive batch size or 'dynamic'")
     return value
+
+
+def parse_platforms(text: str) -> tuple[str, ...]:
+    """'cpu,cuda' -> ('cpu', 'cuda'); ValueError for a platform JAX cannot lower for."""
+    return check_platforms([p for p in text.split(",") if p.strip()])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,19 +163,38 @@ def cmd_verify(args) -> int:
 # predict
 
 
-def cmd_predict(args) -> int:
-    if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# How PredictOptions' messages name its fields, and the flags that set them here.
+PREDICT_FLAGS = {"resolution": "--resolution", "max_pixels": "--max-pixels", "bucket_step": "--bucket-step",
+                 "batch_size": "--batch-size", "refine_radius": "--refine-radius", "workers": "--workers",
+                 "max_image_pixels": "--max-image-pixels", "crop_margin": "--crop-margin"}
+
+
+def predict_options(args) -> PredictOptions:
+    """The PredictOptions the flags ask for; a ValueError names the flag (`--refine-radius`), not
+    the option's field."""
     kinds = [k for k, on in (("mask", not args.no_mask), ("cutout", args.cutout), ("prob", args.prob)) if on]
     if not kinds:
         raise ValueError("nothing to write: --no-mask without --cutout or --prob")
+    if args.max_image_pixels is not None and args.max_image_pixels < 0:
+        raise ValueError(f"--max-image-pixels must be a positive pixel count, or 0 for no limit; got "
+                         f"{args.max_image_pixels}")
     dtype = {"float32": None, "bfloat16": "bfloat16"}[args.dtype]
-    options = PredictOptions(resolution=args.resolution, max_pixels=args.max_pixels, bucket_step=args.bucket_step,
-                             batch_size=args.batch_size, dtype=dtype, outputs=kinds, refine_radius=args.refine_radius,
-                             overwrite=args.overwrite, workers=args.workers,
-                             max_image_pixels=args.max_image_pixels or None, progress=not args.quiet,
-                             crop_refine=args.crop_refine, crop_margin=args.crop_margin)
+    try:
+        return PredictOptions(resolution=args.resolution, max_pixels=args.max_pixels, bucket_step=args.bucket_step,
+                              batch_size=args.batch_size, dtype=dtype, outputs=kinds,
+                              refine_radius=args.refine_radius, overwrite=args.overwrite, workers=args.workers,
+                              max_image_pixels=args.max_image_pixels or None, progress=not args.quiet,
+                              crop_refine=args.crop_refine, crop_margin=args.crop_margin)
+    except ValueError as e:
+        words = re.compile(r"\b(" + "|".join(PREDICT_FLAGS) + r")\b")
+        raise ValueError(words.sub(lambda m: PREDICT_FLAGS[m[1]], str(e))) from None
+
+
+def cmd_predict(args) -> int:
+    options = predict_options(args)
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     summary = predict(args.inputs, args.model, args.output, options=options)
     print(summary.report(), file=sys.stderr if summary.failed else sys.stdout)
     return 0 if summary.ok else 1
@@ -202,7 +234,7 @@ def _add_predict(sub) -> None:
                    help="refuse images larger than this (0: no limit)")
     p.add_argument("--compile-cache", type=Path, default=None, help="persist compiled programs in this folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=cmd_predict, validate=predict_options)  # every flag checked before any work
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +244,7 @@ def _add_predict(sub) -> None:
 def cmd_export(args) -> int:
     """Load the checkpoint, export, write; refuses to replace OUTPUT without --force."""
     output = Path(args.output)
-    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) if args.platforms else None
+    platforms = args.platforms
     if args.saved_model:
         require("tensorflow", "export --saved-model")  # before the (slow) load
         if output.exists() and not args.force:
@@ -258,8 +290,9 @@ def _add_export(sub) -> None:
     p.add_argument("--layout", choices=list(LAYOUTS), default="NHWC", help="image layout (default NHWC)")
     p.add_argument("--uint8-input", action="store_true",
                    help="take uint8 RGB 0..255 (normalised inside) and return probabilities")
-    p.add_argument("--platforms", default=None,
-                   help="comma-separated lowering platforms, e.g. cpu,cuda (default: this machine's)")
+    p.add_argument("--platforms", type=argument_type(parse_platforms), default=None,
+                   help=f"comma-separated lowering platforms, some of {','.join(PLATFORMS)}, e.g. cpu,cuda "
+                        "(default: this machine's)")
     p.add_argument("--saved-model", action="store_true",
                    help="write a TensorFlow SavedModel folder instead (needs birefnet-jax[train])")
     p.add_argument("--force", action="store_true", help="replace an existing output")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,12 +31,82 @@ save_model(model, {str(tmp_path / 'ckpt')!r})
 predictor = birefnet_jax.load_predictor({str(tmp_path / 'ckpt')!r})
 out = predictor(np.zeros((1, 64, 64, 3), np.uint8))
 assert out.shape == (1, 64, 64, 1)
+from birefnet_jax.inference.export import export_to_file, load_exported
+export_to_file(model, {str(tmp_path / 'model.jaxexport')!r}, resolution=(64, 64))  # serializes
+assert load_exported({str(tmp_path / 'model.jaxexport')!r}).exported.in_avals[0].shape == (1, 64, 64, 3)
 heavy = [m for m in {HEAVY!r} if m in sys.modules]
 print("HEAVY", heavy)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "HEAVY []" in out.stdout, out.stdout
+
+
+def _core_closure() -> set[str]:
+    """The distributions a core install brings: the package's dependencies without extras (from
+    pyproject.toml where Python reads TOML, as the installed metadata may predate an edit), and
+    theirs, transitively, as installed here (markers evaluated, extras not followed)."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        import tomllib  # Python 3.11+
+
+        todo = [Requirement(r) for r in tomllib.loads(pyproject.read_text())["project"]["dependencies"]]
+    except (ImportError, OSError):
+        todo = [Requirement(r) for r in metadata.requires("birefnet-jax") or ()]
+    seen: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        try:
+            todo.extend(Requirement(r) for r in metadata.requires(req.name) or ())
+        except metadata.PackageNotFoundError:
+            pass
+    return seen
+
+
+def test_export_needs_only_core_dependencies(tmp_path):
+    """Exporting and serializing a program (`birefnet-jax export`, `load_exported`) works with the
+    core dependencies alone: a process where every installed package outside them cannot be
+    imported (as on a core install) exports, serializes and reads back a program. jax.export's
+    serialization needs flatbuffers, which jax does not declare and TensorFlow (an extra) would
+    otherwise bring in unnoticed."""
+    import importlib.metadata as metadata
+
+    from packaging.utils import canonicalize_name
+
+    core = _core_closure()
+    blocked = sorted(m for m, dists in metadata.packages_distributions().items()
+                     if not any(canonicalize_name(d) in core for d in dists))
+    code = f"""
+import sys
+
+BLOCKED = set({blocked!r})
+
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not a core dependency)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NotInstalled())
+import jax, jax.numpy as jnp
+exported = jax.export.export(jax.jit(lambda x: x * 2))(jax.ShapeDtypeStruct((1, 4), jnp.float32))
+again = jax.export.deserialize(exported.serialize())
+assert again.in_avals == exported.in_avals
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
 class _Shape:

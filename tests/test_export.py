@@ -225,6 +225,53 @@ def test_options_refused(model):
         ex.export_model(model, resolution=(64, 64), weights="inline")
     with pytest.raises(ValueError, match="batch"):
         ex.export_model(model, batch=0, resolution=(64, 64))
+    with pytest.raises(ValueError, match=r"'tpu9'.*cpu, cuda, rocm, tpu"):  # jax.export would write it
+        ex.export_model(model, resolution=(64, 64), platforms=("cpu", "tpu9"))
+    with pytest.raises(ValueError, match="cuda or rocm"):
+        ex.export_model(model, resolution=(64, 64), platforms=("gpu",))
+
+
+def _tiny_export():
+    """A (weights, images) program as save_exported sees one, without a model (traced in ms)."""
+    def serve(weights, images):
+        return images[..., :1] * weights[0]
+
+    exported = jax.export.export(jax.jit(serve))([jax.ShapeDtypeStruct((1,), np.float32)],
+                                                 jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
+    return exported, {"w": np.full(1, 2.0, np.float32)}
+
+
+@pytest.mark.parametrize("failure", ["serialize", "weights", "sidecar"])
+def test_a_failed_save_leaves_nothing(tmp_path, monkeypatch, failure):
+    """flatbuffers missing (serialize), a full disk while writing the weights, metadata that is no
+    JSON: nothing of the call stays (no .weights.npz, no folder it made), and an earlier export
+    under the same name is untouched."""
+    exported, weights = _tiny_export()
+    earlier = tmp_path / "kept" / "m.jaxexport"
+    ex.save_exported(exported, earlier, weights=weights)
+    before = {p.name: p.read_bytes() for p in earlier.parent.iterdir()}
+    assert sorted(before) == ["m.jaxexport", "m.jaxexport.json", "m.jaxexport.weights.npz"]
+    metadata = {}
+    if failure == "serialize":
+        def serialize(self, *args, **kwargs):
+            raise ImportError("Please install 'flatbuffers' in order to use Exported serialization")
+
+        monkeypatch.setattr(jax.export.Exported, "serialize", serialize)
+        error = ImportError
+    elif failure == "weights":
+        def savez(f, **arrays):
+            f.write(b"PK half an archive")
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(ex.np, "savez", savez)
+        error = OSError
+    else:
+        metadata, error = {"note": object()}, TypeError
+    for path in (earlier, tmp_path / "new" / "deeper" / "m.jaxexport"):
+        with pytest.raises(error):
+            ex.save_exported(exported, path, weights=weights, metadata=metadata)
+    assert {p.name: p.read_bytes() for p in earlier.parent.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
 
 @pytest.mark.slow

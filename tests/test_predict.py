@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -299,12 +300,118 @@ def test_outputs_inside_the_input_folder_are_not_read_back(tmp_path, predictor):
     assert not (tmp_path / "in" / "masks" / "masks").exists()
 
 
-def test_names_that_differ_only_by_extension_do_not_collide(tmp_path, predictor):
-    save(Image.fromarray(rgb(40, 40, 1)), tmp_path / "in" / "x.png")
-    save(Image.fromarray(rgb(40, 40, 2)), tmp_path / "in" / "x.jpg")
-    s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False)
-    assert s.done == 2
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.jpg.png", "x.png.png"]
+def test_outputs_that_would_overwrite_each_other_are_refused_before_any_work(tmp_path):
+    """Output names are the input's path without its extension, whatever its siblings; inputs whose
+    outputs would meet (any kind, asked for this time or not) are refused with the list, before the
+    model is loaded (the checkpoint here does not exist) and before anything is written."""
+    from birefnet_jax.inference.inputs import InputError
+
+    def refused(*names, outputs=("mask",)):
+        folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        for name in names:
+            save(Image.fromarray(rgb(8, 8)), folder / name)
+        with pytest.raises(InputError, match="overwrite each other") as e:
+            predict(folder, tmp_path / "missing.safetensors", tmp_path / "out", outputs=outputs, progress=False)
+        return str(e.value)
+
+    message = refused("x.jpg", "x.png")
+    assert "x.jpg and " in message and "x.png would both write" in message and "rename" in message
+    message = refused("photo.jpg", "photo_cutout.jpg")  # photo.jpg's cut-out is photo_cutout.jpg's mask
+    assert "cutout of photo.jpg, mask of photo_cutout.jpg" in message
+    message = refused("b.jpg", "b.png", "b.jpg.png", outputs=("mask", "cutout", "prob"))
+    assert message.startswith("1 group(s)") and "b.jpg.png" not in message  # b.jpg.png writes b.jpg.png
+    assert not (tmp_path / "out").exists()
+
+    # A name never depends on the siblings: x.jpg's mask is x.png alone or beside y.jpg.
+    save(Image.fromarray(rgb(8, 8)), tmp_path / "in" / "x.jpg")
+    alone = plan_predictions(tmp_path / "in", tmp_path / "out").images[0][1].paths["mask"]
+    save(Image.fromarray(rgb(8, 8)), tmp_path / "in" / "y.jpg")
+    assert plan_predictions(tmp_path / "in", tmp_path / "out").images[0][1].paths["mask"] == alone
+    assert alone == tmp_path / "out" / "x.png"
+
+
+def test_an_output_folder_holding_the_inputs(tmp_path, predictor):
+    """`-o` the input folder itself, or a folder above it: every input is predicted; only our own
+    files (the names some input's outputs take) are no inputs, so a rerun skips them; an input that
+    its own mask would replace is refused."""
+    folder = tmp_path / "photos"
+    save(Image.fromarray(rgb(40, 40, 1)), folder / "a.jpg")
+    save(Image.fromarray(rgb(30, 50, 2)), folder / "sub" / "b.jpg")
+    s = predict(folder, predictor, folder, progress=False)
+    assert s.done == 2 and s.ok
+    assert Image.open(folder / "a.png").size == (40, 40) and Image.open(folder / "sub" / "b.png").size == (50, 30)
+    again = predict(folder, predictor, folder, progress=False, outputs=("mask", "cutout"))
+    assert again.done == 2 and again.skipped == 0 and again.ok  # the cut-outs; the masks are no inputs
+    assert predict(folder, predictor, folder, progress=False, outputs=("mask", "cutout")).skipped == 2
+    save(Image.fromarray(rgb(40, 40, 1)), tmp_path / "more" / "photos" / "a.jpg")
+    above = predict(tmp_path / "more" / "photos", predictor, tmp_path / "more", progress=False)  # inputs below -o
+    assert above.done == 1 and (tmp_path / "more" / "a.png").exists()
+    save(Image.fromarray(rgb(20, 20, 3)), folder / "c.png")
+    with pytest.raises(ValueError, match=r"replaced by their own output: .*c\.png \(its mask\)"):
+        predict(folder, predictor, folder, progress=False)
+
+
+def test_unresolvable_inputs_fail_alone(tmp_path, predictor):
+    """A symbolic link loop or a broken link, in a folder or named directly, is one failure with its
+    reason; the other inputs are predicted."""
+    import os
+
+    folder = tmp_path / "in"
+    save(Image.fromarray(rgb(40, 40)), folder / "ok.png")
+    os.symlink("loop.jpg", folder / "loop.jpg")  # points at itself
+    os.symlink("nowhere.png", folder / "broken.png")
+    os.symlink("spin", tmp_path / "spin")  # a loop given by name
+    s = predict([folder, tmp_path / "spin"], predictor, tmp_path / "out", progress=False)
+    assert s.done == 1 and (tmp_path / "out" / "ok.png").exists()
+    reasons = {p.name: why for p, why in s.failed}
+    assert set(reasons) == {"loop.jpg", "broken.png", "spin"}
+    assert "loop" in reasons["loop.jpg"] and "loop" in reasons["spin"] and "broken" in reasons["broken.png"]
+    assert s.report().count("FAILED") == 3
+
+
+def test_temporaries_of_any_earlier_run_are_removed(tmp_path):
+    """Whatever the earlier run wrote (a cut-out, a .npy, a video) and whatever this one asks for,
+    its temporaries are found and removed; files that are not ours are left alone. All done here,
+    so no model is loaded (the checkpoint does not exist)."""
+    save(Image.fromarray(rgb(8, 8)), tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "clip.mp4").write_bytes(b"never decoded: its outputs exist")
+    out = tmp_path / "out"
+    save(Image.fromarray(rgb(8, 8)[..., 0]), out / "a.png")
+    for name in ("clip_mask.mkv", "clip_cutout.mkv"):
+        (out / name).write_bytes(b"done")
+    stale = [".a.npy.abc12345.tmp", ".a_cutout.png.x_y9z8w7.tmp", ".clip_mask.mkv.k2j3h4g5.tmp.mkv",
+             ".clip_cutout.mkv.q1w2e3r4.tmp.mkv"]
+    kept = [".b.png.abc12345.tmp", ".a.png.abc12345.tmp.mkv", ".notes.txt", "a.npy.abc12345.tmp"]
+    for name in stale + kept:
+        (out / name).write_bytes(b"half a file")
+    s = predict(tmp_path / "in", tmp_path / "missing.safetensors", out, progress=False)
+    assert s.skipped == 2 and s.done == 0 and s.ok
+    assert sorted(p.name for p in out.iterdir()) == sorted(["a.png", "clip_mask.mkv", "clip_cutout.mkv", *kept])
+
+
+def test_an_unwritable_output_folder_is_found_before_any_work(tmp_path, capsys):
+    """Before the model is loaded (the checkpoint here does not exist): a library error that is both
+    an OSError and a ValueError, exit status 2 from the command."""
+    import os
+
+    from birefnet_jax.inference.plan import OutputFolderError
+
+    save(Image.fromarray(rgb(8, 8)), tmp_path / "in" / "a.png")
+    (tmp_path / "file").write_text("in the way")
+    targets = [tmp_path / "file" / "out"]
+    if os.geteuid() != 0:
+        (tmp_path / "locked").mkdir(mode=0o555)
+        targets.append(tmp_path / "locked" / "out")
+    elif os.path.isdir("/sys") and not os.access("/sys", os.W_OK):  # root writes anywhere but read-only mounts
+        targets.append(Path("/sys/birefnet-jax-out"))
+    for out in targets:
+        with pytest.raises(OutputFolderError, match=f"cannot .*{out.name}") as e:
+            predict(tmp_path / "in", tmp_path / "missing.safetensors", out, progress=False)
+        assert isinstance(e.value, OSError) and isinstance(e.value, ValueError)
+        assert main(["predict", "-m", str(tmp_path / "missing.safetensors"), "-o", str(out), str(tmp_path / "in"),
+                     "-q"]) == 2
+        assert "output folder" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_crop_refine_predicts_the_box_again(tmp_path, predictor):
@@ -408,8 +515,8 @@ def test_planning_alone_reads_and_changes_nothing(tmp_path):
     assert len(plan_predictions(tmp_path / "in", out, overwrite=True).images) == 2
     with pytest.raises(FileExistsError, match="is a file"):
         plan_predictions(tmp_path / "in", tmp_path / "in" / "a.png")
-    with pytest.raises(ValueError, match="nothing outside the output folder"):
-        plan_predictions(out, out)
+    with pytest.raises(ValueError, match=r"replaced by their own output: .*a\.png"):
+        plan_predictions(out, out)  # a.png (an image there) would be its own mask
     with pytest.raises(ValueError, match="no inputs"):
         plan_predictions([], out)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from reference_models import REF, recipe_state_dict
@@ -269,13 +270,120 @@ def test_uint8_input_is_normalised_and_floats_never_twice(converted):
     (lambda x: x[0], ValueError, r"images\[None\]"),
     (lambda x: x[..., :1], ValueError, "RGB"),
     (lambda x: x[:, :40, :40], ValueError, "multiple of 32"),
+    (lambda x: x + 200.0, ValueError, r"0\.\.255 pixel values.*astype\(np\.uint8\).*normalize\(images / 255\)"),
+    (lambda x: jax.numpy.asarray(x + 200.0), ValueError, r"normalize\(images / 255\)"),
+    (lambda x: (x + 200).astype(np.int64), TypeError, r"int64.*astype\(np\.uint8\)"),
 ])
-def test_wrong_batches_are_explained(converted, bad, exc, match):
-    model = birefnet_jax.load(converted("swin_nobn"))
+def test_wrong_batches_are_explained(model, bad, exc, match):
+    """Refused before anything is compiled, with the fix in the message."""
     x = np.zeros((2, 64, 64, 3), np.float32)
     for fn in (make_predict_fn(model), Predictor(model)):
         with pytest.raises(exc, match=match):
             fn(bad(x))
+
+
+@pytest.fixture(scope="module")
+def model(converted):
+    return birefnet_jax.load(converted("swin_nobn"))
+
+
+def test_float_images_of_any_precision_share_one_program(model, monkeypatch):
+    """float64 (np.array of Python floats) or bfloat16 input runs the float32 program: no second
+    compilation."""
+    pred = Predictor(model)
+    asked = []
+
+    def program(shape, dtype, probabilities):
+        asked.append(np.dtype(dtype))
+        return lambda state, x: x
+
+    monkeypatch.setattr(pred, "_program", program)
+    x = np.zeros((1, 64, 64, 3))
+    for images in (x.astype(np.float32), x, jax.numpy.asarray(x, jax.numpy.bfloat16)):
+        assert pred.run(images).dtype == np.float32
+    assert asked == [np.dtype(np.float32)] * 3
+
+
+def test_signed_integer_images_are_not_normalised_to_black():
+    images = np.array([[[[0, 128, 255]] * 32] * 32])  # what np.array gives for a list of ints: int64
+    assert images.dtype == np.int64
+    with pytest.raises(ValueError, match=r"signed integer images \(int64\).*astype\(np\.uint8\)"):
+        normalize(images)
+    np.testing.assert_array_equal(normalize(images.astype(np.uint8)), normalize(images / 255))
+
+
+# ------------------------------------------------------------------ predict / export flags, checked first
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--refine-radius", "0"], "--refine-radius"),
+    (["--crop-margin", "-1"], "--crop-margin"),
+    (["--workers", "-1"], "--workers"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--max-image-pixels", "-5"], "--max-image-pixels"),
+    (["--resolution", "auto", "--bucket-step", "100"], "--bucket-step"),
+    (["--resolution", "auto", "--max-pixels", "10"], "--max-pixels"),
+])
+def test_bad_predict_flags_are_named_before_any_work(tmp_path, capsys, flags, named):
+    """Refused while parsing (the inputs and the checkpoint do not exist: nothing is looked at)."""
+    code, err = run_cli(["predict", "-m", tmp_path / "missing.safetensors", "-o", tmp_path / "out",
+                         tmp_path / "missing.png", *flags], capsys)
+    assert code == 2 and f"error: {named} " in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_platforms_are_checked(tmp_path, capsys):
+    from birefnet_jax.cli import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["export", str(tmp_path / "missing.safetensors"), str(tmp_path / "m.jaxexport"),
+                    "--platforms", "cpu,tpu9"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--platforms" in err and "'tpu9'" in err and "cpu, cuda, rocm, tpu" in err
+    args = parse_args(["export", "ckpt", "m.jaxexport", "--platforms", "CPU, cuda,cpu"])
+    assert args.platforms == ("cpu", "cuda")
+
+
+# ------------------------------------------------------------------ hf: without a network
+
+
+def test_hub_checkpoint_offline_fails_at_once(monkeypatch, tmp_path):
+    """Not in the cache and no network: the hub is asked once, without huggingface_hub's retries
+    (half a minute of warnings), and the message says what to do."""
+    import time
+
+    hub = pytest.importorskip("huggingface_hub")
+    from birefnet_jax.convert.io import CheckpointReadError, resolve_checkpoint
+
+    try:
+        import httpx2 as httpx
+    except ImportError:  # huggingface_hub before 1.x: httpx, or requests before that
+        httpx = pytest.importorskip("httpx")
+    calls = []
+
+    def download(repo_id, filename, *, local_files_only=False, **kwargs):
+        calls.append(("download", local_files_only))
+        if local_files_only:
+            raise hub.errors.LocalEntryNotFoundError("not in the cache")
+        raise AssertionError("no download without the hub")
+
+    def metadata(url, **kwargs):
+        calls.append(("metadata", url))
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    monkeypatch.setattr(hub, "get_hf_file_metadata", metadata)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointReadError, match=r"owner/repo.*ConnectError.*local path"):
+        resolve_checkpoint("hf:owner/repo")
+    assert time.perf_counter() - start < 1
+    assert [c[0] for c in calls] == ["download", "metadata"] and calls[0][1] is True
+    assert calls[1][1].endswith("owner/repo/resolve/main/model.safetensors")
+
+    # In the cache: no network at all; reachable: one check, then the download.
+    calls.clear()
+    monkeypatch.setattr(hub, "hf_hub_download", lambda repo_id, filename, **kw: calls.append(kw) or "/c/m.safetensors")
+    assert str(resolve_checkpoint("hf:owner/repo")) == "/c/m.safetensors" and calls == [{"local_files_only": True}]
 
 
 # ------------------------------------------------------------------ files, version, entry points

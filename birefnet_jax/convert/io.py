@@ -103,18 +103,29 @@ HUB_PREFIX = "hf:"
 
 
 def resolve_checkpoint(spec: str | os.PathLike) -> Path:
-    """A local path, or `hf:<repo_id>[/<file>]` downloaded with huggingface_hub (needs network;
-    the default file is `model.safetensors`, as in the released BiRefNet repositories)."""
+    """A local path, or `hf:<repo_id>[/<file>]` downloaded with huggingface_hub (the default file
+    is `model.safetensors`, as in the released BiRefNet repositories).
+
+    A file already in huggingface_hub's cache is used without the network. Otherwise the hub is
+    asked once, without retries, whether the file is there (one HEAD request): without a network
+    that fails at once with a message, rather than after huggingface_hub's own retries (which
+    back off for half a minute, warning at every step); only then is it downloaded.
+    """
     spec = str(spec)
     if not spec.startswith(HUB_PREFIX):
         return Path(spec)
     try:
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub
     except ImportError:
         raise CheckpointReadError("hf: checkpoints need huggingface_hub: pip install 'birefnet-jax[hub]'") from None
     repo, filename = parse_hub_spec(spec)
     try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename))
+        return Path(huggingface_hub.hf_hub_download(repo_id=repo, filename=filename, local_files_only=True))
+    except Exception:  # not in the cache (or the cache is unreadable): ask the hub
+        pass
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id=repo, filename=filename))
+        return Path(huggingface_hub.hf_hub_download(repo_id=repo, filename=filename))
     except Exception as e:  # offline, unknown repository or file, HTTP errors: all end the same way
         raise CheckpointReadError(
             f"cannot download {filename} from the Hugging Face repository {repo} ({type(e).__name__}: {e}). "

@@ -22,6 +22,7 @@ so a serving process can run a program without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,13 +43,30 @@ from birefnet_jax.inference.exported import (
     load_exported,
     sidecar_paths,
 )
-from birefnet_jax.io.files import atomic_path, umask
+from birefnet_jax.io.files import atomic_paths, umask
 from birefnet_jax.io.images import IMAGENET_MEAN, IMAGENET_STD
 from birefnet_jax.model import BiRefNet, abstract_model, eval_forward
 from birefnet_jax.nn.state import state_path_name
 
 WEIGHTS_MODES = ("embedded", "argument")
 LAYOUTS = ("NHWC", "NCHW")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
+
+
+def check_platforms(platforms: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The lowering platforms, lower-cased and each once; ValueError for a name JAX cannot lower
+    for (jax.export would write a program no machine runs)."""
+    if platforms is None:
+        return None
+    if isinstance(platforms, str):
+        raise ValueError(f"platforms must be a sequence of names, e.g. ('cpu', 'cuda'), got the string {platforms!r}")
+    names = tuple(dict.fromkeys(str(p).strip().lower() for p in platforms))
+    bad = [p for p in names if p not in PLATFORMS]
+    if bad or not names:
+        hint = " ('gpu' is cuda or rocm)" if "gpu" in bad else ""
+        raise ValueError(f"unknown platform(s) {', '.join(map(repr, bad)) or '(none given)'}; the platforms are "
+                         f"{', '.join(PLATFORMS)}{hint}")
+    return names
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,13 +135,15 @@ def export_model(model: BiRefNet, *, batch: int | None = 1, resolution: tuple[in
     layout: "NHWC", or "NCHW" for PyTorch-layout inputs and outputs.
     uint8_input: take uint8 RGB and normalise inside (ImageNet mean/std), return probabilities
       (sigmoid) instead of logits: the serving-friendly signature.
-    platforms: lowering platforms, e.g. ("cpu", "cuda"); default the current backend.
+    platforms: lowering platforms, some of `PLATFORMS` (e.g. ("cpu", "cuda")); default the current
+      backend.
     """
     resolution = tuple(model.cfg.resolution) if resolution is None else resolution
     h, w = _check_options(batch, resolution, weights, layout)
+    platforms = check_platforms(platforms)
     forward, _, leaves = _forward_fn(model, dtype=dtype, uint8_input=uint8_input, layout=layout)
     images = jax.ShapeDtypeStruct(_image_shape(batch, h, w, layout), jnp.uint8 if uint8_input else jnp.float32)
-    kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
+    kwargs = {} if platforms is None else {"platforms": platforms}
     if weights == "embedded":
         def serve(images):
             return forward(leaves, images)
@@ -173,11 +193,6 @@ def export_metadata(model: BiRefNet, *, batch: int | None = 1, resolution: tuple
 # Files
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """`write(file)` through `atomic_path`: nothing partial under the final name."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-
 
 def _dim(d) -> int | str:
     return int(d) if isinstance(d, (int, np.integer)) else str(d)
@@ -200,14 +215,16 @@ def save_exported(exported: jax.export.Exported, path: str | os.PathLike, *,
     """Write the program (`exported.serialize()`), and beside it the JSON sidecar and, for a
     weights="argument" export, the weights (`weights`: `model_weights(model)`), each atomically.
 
-    `metadata` (e.g. `export_metadata(...)`) is merged into the sidecar. Weights, program and
-    sidecar are each replaced atomically, in that order; should an overwrite be interrupted between
-    them, `load_exported` still checks every weight against the program's signature.
+    `metadata` (e.g. `export_metadata(...)`) is merged into the sidecar. Everything is serialized
+    first, then written to temporary files, which are renamed into place (weights, program, sidecar)
+    only once all are complete: a failure (e.g. `flatbuffers` missing, a full disk) leaves nothing
+    of this call behind, and an earlier export under the same name untouched. Should an overwrite
+    be interrupted between the renames, `load_exported` still checks every weight against the
+    program's signature.
     """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path, e.g. {path / 'model.jaxexport'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     sidecar, weights_path = sidecar_paths(path)
     takes_weights = exported.in_tree.num_leaves > 1  # (weights, images) rather than (images,)
     n_weights = len(exported.in_avals) - 1
@@ -235,15 +252,38 @@ def save_exported(exported: jax.export.Exported, path: str | os.PathLike, *,
         info["weights_file"] = weights_path.name
         info["weights_order"] = list(weights)
         info["weights_dtypes"] = [jnp.dtype(np.asarray(a).dtype).name for a in weights.values()]
-        arrays = {name: _npz_safe(a) for name, a in weights.items()}
-        _atomic_write(weights_path, lambda f: np.savez(f, **arrays))
     elif weights is not None:
         raise ValueError("the program has its weights embedded; pass no weights")
-    _atomic_write(path, lambda f: f.write(exported.serialize()))
-    _atomic_write(sidecar, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
+    program = exported.serialize()  # needs flatbuffers: fails here, before any file is touched
+    text = (json.dumps(info, indent=1) + "\n").encode()
+    files: list[tuple[Path, Callable[[Any], None]]] = [(path, lambda f: f.write(program)),
+                                                        (sidecar, lambda f: f.write(text))]
+    if takes_weights:
+        arrays = {name: _npz_safe(a) for name, a in weights.items()}
+        files.insert(0, (weights_path, lambda f: np.savez(f, **arrays)))
+    created = _missing_folders(path.parent)
+    try:
+        with atomic_paths([target for target, _ in files]) as tmps:
+            for tmp, (_, write) in zip(tmps, files, strict=True):
+                with open(tmp, "wb") as f:
+                    write(f)
+    except BaseException:
+        for folder in created:  # the folders this call made, if it left them empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     if not takes_weights and weights_path.exists():  # left by an earlier weights="argument" export
         weights_path.unlink()
     return path
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and its missing parents, deepest first (what creating it would make)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def export_to_file(model: BiRefNet, path: str | os.PathLike, **options) -> Path:
@@ -291,6 +331,7 @@ def export_saved_model(model: BiRefNet, directory: str | os.PathLike, *, batch: 
             raise FileExistsError(f"{directory} exists and is not a SavedModel; not replacing it")
     resolution = tuple(model.cfg.resolution) if resolution is None else resolution
     h, w = _check_options(batch, resolution, "argument", layout)
+    platforms = check_platforms(platforms)
     forward, names, leaves = _forward_fn(model, dtype=dtype, uint8_input=uint8_input, layout=layout)
     shape = (None, 3, h, w) if layout == "NCHW" else (None, h, w, 3)
     if batch is not None:
@@ -327,6 +368,7 @@ def export_saved_model(model: BiRefNet, directory: str | os.PathLike, *, batch: 
 
 
 __all__ = [
+    "check_platforms",
     "export_metadata",
     "export_model",
     "export_saved_model",

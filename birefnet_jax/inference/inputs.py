@@ -1,8 +1,12 @@
 """Finding inputs: files, folders (recursive, hidden entries skipped), globs and list files,
-each with the relative path its outputs mirror."""
+each with the relative path its outputs mirror.
+
+A path found but not usable (a symbolic link loop, a broken link, a folder that cannot be listed)
+is an input with an `error`, which `predict` reports as failed; it never stops the others."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -19,10 +23,23 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class InputItem:
-    """An input file, and the relative path under which its outputs are written."""
+    """An input file, and the relative path under which its outputs are written. `error` says why
+    a path that was found cannot be used (it is then reported as failed, never predicted)."""
 
     path: Path
     rel: Path
+    error: str | None = None
+
+
+def _unusable(e: OSError) -> str:
+    """Why a path found on disk cannot be used as an input, in user terms."""
+    if e.errno == errno.ELOOP:
+        return "symbolic link loop (the path cannot be resolved)"
+    if e.errno == errno.ENOENT:
+        return "broken symbolic link (its target does not exist)"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return f"cannot resolve the path ({e.strerror or e})"
 
 
 _GLOB_MAGIC = re.compile(r"[*?[]")
@@ -35,7 +52,16 @@ def _is_hidden(name: str) -> bool:
 def _walk(folder: Path, exts: frozenset[str], prefix: Path = Path()) -> list[InputItem]:
     """Files under `folder` with a wanted extension, hidden files and folders skipped."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+
+    def unlistable(e: OSError) -> None:  # a folder that cannot be read fails; the walk goes on
+        where = Path(e.filename) if e.filename else folder
+        try:
+            rel = prefix / where.relative_to(folder)
+        except ValueError:
+            rel = prefix / where.name
+        found.append(InputItem(where, rel, f"cannot list the folder ({e.strerror or e})"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable):
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
         base = Path(dirpath)
         for name in filenames:
@@ -92,6 +118,11 @@ def _expand(spec: str | os.PathLike, exts: frozenset[str], *, base: Path | None,
         if base is None and p.suffix.lower() in LIST_EXTENSIONS:
             return _read_list(p, exts)
         return [InputItem(p, Path(p.name))]  # explicit: kept whatever its extension
+    if os.path.islink(p) and not p.exists():  # a loop or a broken link: found, but unusable
+        try:
+            os.stat(p)
+        except OSError as e:
+            return [InputItem(p, Path(p.name), _unusable(e))]
     if p.is_dir():
         found = _walk(p, exts)
         if not found:
@@ -108,16 +139,25 @@ def _expand(spec: str | os.PathLike, exts: frozenset[str], *, base: Path | None,
 
 def _deduplicate(items: list[InputItem]) -> list[InputItem]:
     """Drops repeats of the same file; gives different files that share a rel their path below
-    their deepest common folder (a/img.png, b/img.png), so that outputs still mirror the inputs."""
+    their deepest common folder (a/img.png, b/img.png), so that outputs still mirror the inputs.
+    A path that cannot be resolved (symbolic link loop, broken link) is kept as an item with its
+    `error`, out of the naming."""
     unique, seen = [], set()
     for item in items:
-        key = os.path.realpath(item.path)
+        if item.error is None:
+            try:
+                key = os.path.realpath(item.path, strict=True)
+            except OSError as e:
+                item = InputItem(item.path, item.rel, _unusable(e))
+        if item.error is not None:
+            key = ("unusable", os.path.abspath(item.path))
         if key not in seen:
             seen.add(key)
             unique.append(item)
     by_rel: dict[Path, list[int]] = {}
     for i, item in enumerate(unique):
-        by_rel.setdefault(item.rel, []).append(i)
+        if item.error is None:
+            by_rel.setdefault(item.rel, []).append(i)
     for indices in by_rel.values():
         if len(indices) > 1:
             paths = [os.path.abspath(unique[i].path) for i in indices]
@@ -126,7 +166,8 @@ def _deduplicate(items: list[InputItem]) -> list[InputItem]:
                 unique[i] = InputItem(unique[i].path, Path(os.path.relpath(p, common)))
     clashes: dict[Path, list[Path]] = {}
     for item in unique:
-        clashes.setdefault(item.rel, []).append(item.path)
+        if item.error is None:
+            clashes.setdefault(item.rel, []).append(item.path)
     clashes = {rel: paths for rel, paths in clashes.items() if len(paths) > 1}
     if clashes:
         shown = "; ".join(f"{rel}: {', '.join(map(str, paths))}" for rel, paths in list(clashes.items())[:5])
@@ -146,6 +187,8 @@ def list_inputs(
     pattern's leading fixed folders), or a ``.txt``/``.lst`` list of such specs, one per line
     (blank lines and ``#`` comments skipped, relative entries resolved against the list's folder).
     Folders and globs keep only `extensions` (any case); symlinked folders are not descended.
+    A path that is found but cannot be used (a symbolic link loop or a broken link, a folder that
+    cannot be listed) comes back with its `error` set, for the caller to report.
 
     The same file named twice is listed once (first mention wins). Different files that would
     share a rel (``a/img.png`` and ``b/img.png`` given directly) are told apart by their path below

@@ -1,7 +1,8 @@
 """Batch inference over files, in three stages that `predict` chains:
 
-* plan (`birefnet_jax.inference.plan.plan_predictions`): find the inputs, plan their output paths,
-  skip what is done; before any model is loaded;
+* plan (`birefnet_jax.inference.plan.plan_predictions`): find the inputs, plan their output paths
+  (refusing inputs whose outputs would meet), skip what is done, check that the output folder can
+  be written; before any model is loaded;
 * run (`run_images`): decode and resize in threads, batch by shape bucket, run the compiled program on
   all local devices, one batch kept on the device while the previous one comes back;
 * write (`ImageWriter`, `write_outputs`): bring the probabilities back to each image's size and write
@@ -419,7 +420,10 @@ def predict(inputs: InputSpecs, model, output: str | os.PathLike, *, options: Pr
     options: a `PredictOptions`, or its fields as keyword arguments (`resolution`, `outputs`,
       `batch_size`, `overwrite`, `crop_refine`, ...; see `PredictOptions`), not both.
 
-    Bad inputs never stop the batch: they are listed in the summary with the reason.
+    Bad inputs never stop the batch: they are listed in the summary with the reason. Checked
+    before any model is loaded: the inputs (inputs whose outputs would share a file name are
+    refused with the list: see `birefnet_jax.inference.plan`), and that the output folder can be
+    written (`plan.OutputFolderError`, a ValueError and an OSError).
     """
     if options is None:
         options = PredictOptions(**kwargs)
@@ -429,14 +433,19 @@ def predict(inputs: InputSpecs, model, output: str | os.PathLike, *, options: Pr
         raise TypeError(f"options must be a PredictOptions, got {type(options).__name__}")
     start = time.perf_counter()
     plan = plan_predictions(inputs, output, outputs=options.outputs, overwrite=options.overwrite)
+    summary = PredictSummary(skipped=plan.skipped, failed=list(plan.failed))
+    if not plan.images and not plan.videos:  # all done (or unusable): no model needed
+        plan.remove_stale_temporaries()
+        summary.wall_seconds = time.perf_counter() - start
+        return summary
+    plan.check_writable()  # before the (slow) load: a wrong output folder costs nothing
     predictor = _resolve_predictor(model, options.dtype, options.devices)
     policy = size_policy(options.resolution, predictor.resolution, max_pixels=options.max_pixels,
                          bucket_step=options.bucket_step, dynamic_size=predictor.config.dynamic_size)
     batch = predictor.padded_batch(predictor.num_devices if options.batch_size is None else options.batch_size)
     compile_before = (predictor.compile_seconds, predictor.compile_count)
 
-    summary = PredictSummary(skipped=plan.skipped)
-    plan.remove_stale_temporaries()  # left by a run that was killed
+    plan.remove_stale_temporaries()  # left by a run that was killed, whatever it wrote
     bar = _progress(len(plan.images), options.progress)
     try:
         predict_images(plan, predictor, policy, summary, options, batch=batch, bar=bar)

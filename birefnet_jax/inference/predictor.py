@@ -47,11 +47,41 @@ def check_batch(images, layout: str = "NHWC") -> tuple[int, int, int]:
     return b, h, w
 
 
+# Normalised images lie within about -2.2..2.7 (ImageNet mean and std); 0..255 pixel values passed as
+# floats reach far beyond this.
+_NORMALISED_LIMIT = 10.0
+
+
+def check_values(images) -> np.dtype:
+    """Validate the batch's element type and, for floats, that they are normalised; returns the
+    dtype the program takes (uint8, or float32: other floats are cast, so that float64 input, say,
+    compiles no second program). Raises with the fix in the message."""
+    dtype = np.dtype(images.dtype)
+    if dtype == np.uint8:
+        return dtype
+    if not jax.numpy.issubdtype(dtype, jax.numpy.floating):  # (numpy's own test misses bfloat16)
+        fix = ("images.astype(np.uint8) if they hold 0..255 pixel values" if np.issubdtype(dtype, np.integer)
+               else "uint8 RGB or normalised floats (birefnet_jax.io.images.normalize)")
+        raise TypeError(f"images must be uint8 RGB or normalised floats, got dtype {dtype}; convert: {fix}")
+    if isinstance(images, jax.core.Tracer) or (isinstance(images, jax.Array) and not images.is_fully_addressable):
+        return np.dtype(np.float32)  # traced inside the caller's jit, or spread over hosts: values not at hand
+    if isinstance(images, jax.Array):
+        peak = float(jax.numpy.max(jax.numpy.abs(images)))
+    else:
+        peak = float(np.max(np.abs(np.asarray(images)))) if np.size(images) else 0.0
+    if peak > _NORMALISED_LIMIT:
+        raise ValueError(f"float images must be normalised (ImageNet mean and std: values within about -2.2..2.7), "
+                         f"but these reach {peak:.4g}, which looks like 0..255 pixel values: pass them as uint8 "
+                         "(images.astype(np.uint8)), or normalise them: birefnet_jax.io.images.normalize(images / 255)")
+    return np.dtype(np.float32)
+
+
 def make_predict_fn(model: BiRefNet, *, layout: str = "NHWC") -> Callable[[jax.Array], jax.Array]:
     """A jitted function from images to logits that always uses the model's current weights.
 
     Takes a batch (B, H, W, 3) of normalised float images (see `normalize`) or of uint8 RGB
-    (normalised inside the program), H and W multiples of 32. `layout='NCHW'` takes and returns
+    (normalised inside the program), H and W multiples of 32; floats far outside the normalised
+    range (0..255 pixel values) and other integer types are refused. `layout='NCHW'` takes and returns
     PyTorch's layout. The model is not switched to eval mode or otherwise changed: the forward
     runs on a copy, and later changes to the model's weights are seen by the next call.
     """
@@ -61,6 +91,9 @@ def make_predict_fn(model: BiRefNet, *, layout: str = "NHWC") -> Callable[[jax.A
 
     def predict(images):
         check_batch(images, layout)
+        dtype = check_values(images)
+        if images.dtype != dtype:
+            images = images.astype(dtype)
         graphdef, state = nnx.split(model)
         forward = next((fn for g, fn in programs if g == graphdef), None)
         if forward is None:
@@ -127,13 +160,14 @@ class Predictor:
 
     def run(self, images, *, probabilities: bool = False) -> jax.Array:
         """Logits (B, H, W, 1) float32, or probabilities with `probabilities=True`; `images` are
-        uint8 RGB or normalised float (B, H, W, 3), H and W multiples of 32. A batch that does not
-        divide over the devices is padded (and the padding dropped). Asynchronous: the result is a
-        device array."""
+        uint8 RGB or normalised float (B, H, W, 3), H and W multiples of 32 (floats are taken as
+        float32; floats far outside the normalised range, i.e. 0..255 pixel values, are refused).
+        A batch that does not divide over the devices is padded (and the padding dropped).
+        Asynchronous: the result is a device array."""
         b, _, _ = check_batch(images)
-        dtype = np.dtype(images.dtype)
-        if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
-            raise TypeError(f"images must be uint8 RGB or normalised floats, got dtype {dtype}")
+        dtype = check_values(images)
+        if images.dtype != dtype:  # float64, bfloat16, ...: one float32 program serves them all
+            images = images.astype(dtype)
         padded = self.padded_batch(b)
         if padded != b:
             images = np.concatenate([np.asarray(images), np.zeros((padded - b, *images.shape[1:]), dtype)])

@@ -53,13 +53,18 @@ def normalize(images: np.ndarray) -> np.ndarray:
     """RGB images (..., H, W, 3) -> float32 normalised with the ImageNet mean and std, as the
     original's loader does.
 
-    Integer images are scaled by their type's maximum (uint8: 255, uint16: 65535); float images
-    must already be in [0, 1]. Anything else (e.g. images normalised already, or floats in
-    [0, 255]) is refused rather than normalised twice.
+    Unsigned integer images are scaled by their type's maximum (uint8: 255, uint16: 65535); float
+    images must already be in [0, 1]. Anything else is refused rather than guessed at: images
+    normalised already, floats in [0, 255], and signed integers (`np.array(a_list)` gives int64,
+    whose maximum would turn 0..255 pixels black).
     """
     images = np.asarray(images)
     if images.shape[-1:] != (3,):
         raise ValueError(f"expected RGB images with 3 channels last, got shape {images.shape}")
+    if np.issubdtype(images.dtype, np.signedinteger):
+        raise ValueError(f"signed integer images ({images.dtype}) have no pixel scale: convert 0..255 values with "
+                         "images.astype(np.uint8) (16-bit ones with images.astype(np.uint16)), or pass floats in "
+                         "[0, 1] (images / 255)")
     if np.issubdtype(images.dtype, np.integer):
         scaled = images.astype(np.float32) / np.float32(np.iinfo(images.dtype).max)
     elif np.issubdtype(images.dtype, np.floating):
