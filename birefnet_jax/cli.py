@@ -21,6 +21,7 @@ from birefnet_jax._optional import MissingDependency, require
 from birefnet_jax.checkpoint import check_replaceable, save_model
 from birefnet_jax.config import backbone_name
 from birefnet_jax.convert import model_to_state_dict, write_safetensors
+from birefnet_jax.inference import distributed
 from birefnet_jax.inference.buckets import parse_size
 from birefnet_jax.inference.export import (
     LAYOUTS,
@@ -190,14 +191,65 @@ def predict_options(args) -> PredictOptions:
         raise ValueError(words.sub(lambda m: PREDICT_FLAGS[m[1]], str(e))) from None
 
 
+def check_distributed_flags(args) -> None:
+    """ValueError for --num-processes / --process-id that cannot work (before any work).
+    --coordinator-address implies --distributed, as train.py's does."""
+    given = [f for f, v in (("--num-processes", args.num_processes), ("--process-id", args.process_id))
+             if v is not None]
+    if given and not (args.distributed or args.coordinator_address):
+        raise ValueError(f"{' and '.join(given)} go with --distributed")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ValueError(f"--num-processes must be at least 1, got {args.num_processes}")
+    if args.process_id is not None and (args.process_id < 0 or (args.num_processes is not None
+                                                                and args.process_id >= args.num_processes)):
+        raise ValueError(f"--process-id must be 0 to --num-processes - 1, got {args.process_id}")
+
+
+def _check_predict(args) -> None:
+    check_distributed_flags(args)
+    predict_options(args)
+
+
 def cmd_predict(args) -> int:
     options = predict_options(args)
+    if args.distributed or args.coordinator_address:  # before anything touches a device (the checks do not)
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if jax.process_count() > 1:
+        return _predict_share(args, options)
     summary = predict(args.inputs, args.model, args.output, options=options)
     print(summary.report(), file=sys.stderr if summary.failed else sys.stdout)
     return 0 if summary.ok else 1
+
+
+def _predict_share(args, options: PredictOptions) -> int:
+    """One of several processes (--distributed): its share predicted and its summary printed with
+    its index; then every process waits for the slowest (leaving early would abort the others: see
+    `birefnet_jax.inference.distributed`), and process 0 prints the total: its exit status covers
+    every process."""
+    index, count = jax.process_index(), jax.process_count()
+    try:
+        summary = predict(args.inputs, args.model, args.output, options=options)
+    except KeyboardInterrupt:
+        distributed.publish(None)  # process 0 is not left waiting for this one
+        raise
+    except Exception as e:
+        distributed.publish(None)
+        print(f"[process {index}/{count}] error: {e} (exiting once the other processes are done)",
+              file=sys.stderr, flush=True)
+        distributed.gather()
+        raise
+    distributed.publish(summary)
+    print(distributed.prefixed(summary.report(), index, count), file=sys.stderr if summary.failed else sys.stdout,
+          flush=True)
+    outcomes = distributed.gather()
+    if index != 0:
+        return 0 if summary.ok else 1
+    line, all_ok = distributed.total_report(outcomes)
+    print(line, file=sys.stdout if all_ok else sys.stderr, flush=True)
+    return 0 if summary.ok and all_ok else 1
 
 
 def _add_predict(sub) -> None:
@@ -233,8 +285,15 @@ def _add_predict(sub) -> None:
     p.add_argument("--max-image-pixels", type=int, default=400_000_000,
                    help="refuse images larger than this (0: no limit)")
     p.add_argument("--compile-cache", type=Path, default=None, help="persist compiled programs in this folder")
+    g = p.add_argument_group("many hosts (each process predicts its share of the inputs into the same output folder)")
+    g.add_argument("--distributed", action="store_true",
+                   help="initialise jax.distributed: the cluster is read from the environment (TPU pods, SLURM, "
+                        "Open MPI) or from the three flags below")
+    g.add_argument("--coordinator-address", default=None, help="host:port of process 0 (where not detected)")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes (where not detected)")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index (where not detected)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict, validate=predict_options)  # every flag checked before any work
+    p.set_defaults(func=cmd_predict, validate=_check_predict)  # every flag checked before any work
 
 
 # --------------------------------------------------------------------------------------------------

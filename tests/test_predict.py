@@ -588,3 +588,176 @@ def test_run_stage_alone(tmp_path, predictor):
         assert prob.shape == RES and p.size == im.shape[:2] and p.rgb is None
         np.testing.assert_array_equal(mask_to_uint8(resize_align_corners(prob, p.size)), reference_mask(predictor, im))
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- many processes (--distributed)
+
+
+def test_processes_share_the_plan_once_whatever_is_done_and_the_order(tmp_path):
+    """`process_index` / `process_count` (predict --distributed), in one process: the shares are
+    disjoint and together the whole plan (videos, images and unusable paths dealt out), each the
+    same when some outputs exist already (a resumed run) and when the inputs are given in another
+    order; every process refuses a plan whose outputs would meet; a process clears only its own
+    share's temporaries; no model is needed to check any of it (the checkpoint does not exist)."""
+    import os
+
+    from birefnet_jax.inference.plan import process_share
+
+    folder = tmp_path / "in"
+    for i in range(5):
+        save(Image.fromarray(rgb(8, 8, i)), folder / "a" / f"a{i}.png")
+        save(Image.fromarray(rgb(8, 8, i)), folder / "b" / f"b{i}.jpg")
+    for name in ("clip1.mp4", "clip2.mp4"):
+        (folder / name).write_bytes(b"never decoded while planning")
+    os.symlink("nowhere.png", folder / "broken.png")
+    specs = [folder / "a", folder / "b", folder / "clip1.mp4", folder / "clip2.mp4", folder / "broken.png"]
+    out = tmp_path / "out"
+
+    def shares(specs, count=2):
+        """Per process: (images, videos, failed) by relative name, and the plan."""
+        plans = [plan_predictions(specs, out, process_index=i, process_count=count) for i in range(count)]
+        return [({it.rel.as_posix() for it, _ in p.images}, {v.rel.as_posix() for v in p.videos},
+                 {f.name for f, _ in p.failed}) for p in plans], plans
+
+    whole = plan_predictions(specs, out)
+    assert (whole.process_index, whole.process_count) == (0, 1)
+    every = ({it.rel.as_posix() for it, _ in whole.images}, {v.rel.as_posix() for v in whole.videos},
+             {f.name for f, _ in whole.failed})
+    assert [len(s) for s in every] == [10, 2, 1]
+    before, plans = shares(specs)
+    for kind in range(3):
+        assert not before[0][kind] & before[1][kind] and before[0][kind] | before[1][kind] == every[kind]
+    assert [len(s[0]) for s in before] == [5, 5] and [len(s[1]) for s in before] == [1, 1]  # dealt evenly
+    assert [p.process_index for p in plans] == [0, 1] and {p.process_count for p in plans} == {2}
+    assert shares(specs[::-1])[0] == before  # the order the inputs are given in does not matter
+
+    # A resumed run: the masks of a third of the images exist; each process skips those of its share
+    # and keeps the rest of it, however many the others finished.
+    finished = sorted(every[0])[::3]
+    for rel in finished:
+        save(Image.fromarray(rgb(8, 8)[..., 0]), out / f"{rel.rsplit('.', 1)[0]}.png")
+    after, plans = shares(specs)
+    for i in range(2):
+        assert after[i][0] == before[i][0] - set(finished)
+        assert plans[i].skipped == len(before[i][0] & set(finished))
+        assert after[i][1:] == before[i][1:]
+    # All done: predict itself (no model loaded) skips each share's inputs, and nothing else.
+    for rel in every[0]:
+        save(Image.fromarray(rgb(8, 8)[..., 0]), out / f"{rel.rsplit('.', 1)[0]}.png")
+    for name in ("clip1_mask.mkv", "clip2_mask.mkv"):
+        (out / name).write_bytes(b"done")
+    done = [predict(specs, tmp_path / "missing.safetensors", out, progress=False, outputs=("mask",),
+                    process_index=i, process_count=3) for i in range(3)]
+    assert sum(s.skipped for s in done) == 12 and all(s.done == 0 for s in done)
+    assert [p.name for s in done for p, _ in s.failed] == ["broken.png"]
+
+    # Temporaries: each process clears those of its own share only (another may be writing its own).
+    temps = {rel: out / f".{rel.rsplit('.', 1)[0]}.png.abc12345.tmp" for rel in every[0]}
+    for path in temps.values():
+        path.write_bytes(b"half a file")
+    plans[0].remove_stale_temporaries()
+    assert {rel for rel, path in temps.items() if not path.exists()} == before[0][0]
+    plans[1].remove_stale_temporaries()
+    assert not any(path.exists() for path in temps.values())
+
+    # More processes than inputs: some shares are empty, none fails; the split is checked.
+    few = [plan_predictions(folder / "a", tmp_path / "few", process_index=i, process_count=7) for i in range(7)]
+    assert sorted(len(p.images) for p in few) == [0, 0, 1, 1, 1, 1, 1]
+    items = [it for it, _ in whole.images]
+    assert sorted(it.rel for i in range(3) for it in process_share(items, i, 3)) == sorted(it.rel for it in items)
+    for index, count in ((2, 2), (-1, 2), (0, 0), (True, 2)):
+        with pytest.raises(ValueError, match="process_"):
+            plan_predictions(specs, out, process_index=index, process_count=count)
+    with pytest.raises(ValueError, match="process_index"):
+        PredictOptions(process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="process_count"):
+        PredictOptions(process_count=0)
+
+    # Outputs that would meet are refused by every process, whichever share holds them.
+    save(Image.fromarray(rgb(8, 8)), folder / "a" / "a0.jpg")  # a0.png's outputs, again
+    for i in range(2):
+        with pytest.raises(ValueError, match="overwrite each other"):
+            plan_predictions(specs, tmp_path / "clash", process_index=i, process_count=2)
+
+
+def test_distributed_flags_are_checked_before_any_work(tmp_path, capsys):
+    """--num-processes / --process-id go with --distributed (or --coordinator-address, as train.py's);
+    refused with exit status 2 before anything is read or loaded."""
+    save(Image.fromarray(rgb(8, 8)), tmp_path / "in" / "a.png")
+    base = ["predict", "-m", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "out"), str(tmp_path / "in")]
+    for flags, message in ((["--num-processes", "2"], "go with --distributed"),
+                           (["--process-id", "0"], "go with --distributed"),
+                           (["--distributed", "--num-processes", "0"], "at least 1"),
+                           (["--distributed", "--num-processes", "2", "--process-id", "2"], "--process-id must be")):
+        assert main([*base, *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_predict_every_image_once_and_resume(tmp_path, converted):
+    """`predict --distributed` in two processes on localhost (jax.distributed, CPU devices): every
+    mask written once, by the process whose share it is, equal to one process's; a rerun after two
+    masks are deleted redoes those two only (both in process 0's share: process 1, done at once,
+    waits for it), each process's summary and process 0's total saying so."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    n = 7
+    for i in range(n):
+        save(Image.fromarray(rgb(30 + 3 * i, 40, i)), tmp_path / "in" / f"{i}.png")
+    cmd = [sys.executable, "-m", "birefnet_jax", "predict", "-m", str(converted("swin_nobn")), str(tmp_path / "in"),
+           "--resolution", "64x64", "-q"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")}  # compiled once, by the first run
+
+    def run_two(out):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen([*cmd, "-o", str(out), "--distributed", "--coordinator-address", f"localhost:{port}",
+                                   "--num-processes", "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=600) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(o + e[-3000:] for o, e in outs)
+        counts = []
+        for i, (stdout, _) in enumerate(outs):
+            done, skipped = re.search(rf"^\[process {i}/2\] done (\d+), skipped (\d+) \(outputs exist\), failed 0;",
+                                      stdout, re.M).groups()
+            counts.append((int(done), int(skipped)))
+        return counts, outs[0][0]
+
+    single = subprocess.run([*cmd, "-o", str(tmp_path / "single")], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0 and f"done {n}," in single.stdout, single.stderr[-3000:]
+    out = tmp_path / "out"
+    counts, stdout0 = run_two(out)
+    share0 = {it.path.name for it, _ in plan_predictions(tmp_path / "in", tmp_path / "none", process_index=0,
+                                                         process_count=2).images}
+    assert counts == [(len(share0), 0), (n - len(share0), 0)] and 0 < len(share0) < n
+    assert f"[total over 2 processes] done {n}, skipped 0 (outputs exist), failed 0" in stdout0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}.png" for i in range(n))  # no temporaries
+    for i in range(n):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{i}.png")),
+                                      np.asarray(Image.open(tmp_path / "single" / f"{i}.png")))
+
+    redo = sorted(share0)[:2]
+    for name in redo:
+        (out / name).unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    counts, stdout0 = run_two(out)
+    assert counts == [(2, len(share0) - 2), (0, n - len(share0))]
+    assert f"[total over 2 processes] done 2, skipped {n - 2} (outputs exist), failed 0" in stdout0
+    assert all((out / name).stat().st_mtime_ns == t for name, t in kept.items())
+    for name in redo:
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)),
+                                      np.asarray(Image.open(tmp_path / "single" / name)))

@@ -110,6 +110,11 @@ class PredictOptions:
       the box) cut from the full-resolution image, and paste that prediction back: more detail for
       images far larger than the model's resolution.
     on_image: called with each input path once its outputs are written (e.g. for a progress hook).
+    process_index, process_count: this process's share when `process_count` processes predict the
+      same inputs into the same output folder (`predict --distributed`): every process plans and
+      checks the whole set of inputs, then predicts its share alone (see
+      `birefnet_jax.inference.plan.process_share`). None: `jax.process_index()`,
+      `jax.process_count()` (0 and 1 without `jax.distributed`).
     """
 
     resolution: str | tuple[int, int] | None = None
@@ -127,6 +132,8 @@ class PredictOptions:
     crop_refine: bool = False
     crop_margin: float = 0.1
     on_image: Callable[[Path], None] | None = None
+    process_index: int | None = None
+    process_count: int | None = None
 
     def __post_init__(self):
         if isinstance(self.outputs, str):
@@ -152,6 +159,13 @@ class PredictOptions:
             raise ValueError(f"crop_margin must be a share of the box, 0 or more, got {self.crop_margin!r}")
         if self.on_image is not None and not callable(self.on_image):
             raise ValueError(f"on_image must be callable or None, got {type(self.on_image).__name__}")
+        if self.process_count is not None and (not _is_int(self.process_count) or self.process_count < 1):
+            raise ValueError(f"process_count must be a positive number of processes (None: jax.process_count()), "
+                             f"got {self.process_count!r}")
+        if self.process_index is not None and (not _is_int(self.process_index) or self.process_index < 0 or (
+                self.process_count is not None and self.process_index >= self.process_count)):
+            raise ValueError(f"process_index must be 0 or more, below process_count (None: jax.process_index()), "
+                             f"got {self.process_index!r}")
 
     def _check_resolution(self) -> None:
         resolution = self.resolution
@@ -432,7 +446,11 @@ def predict(inputs: InputSpecs, model, output: str | os.PathLike, *, options: Pr
     elif not isinstance(options, PredictOptions):
         raise TypeError(f"options must be a PredictOptions, got {type(options).__name__}")
     start = time.perf_counter()
-    plan = plan_predictions(inputs, output, outputs=options.outputs, overwrite=options.overwrite)
+    plan = plan_predictions(inputs, output, outputs=options.outputs, overwrite=options.overwrite,
+                            process_index=jax.process_index() if options.process_index is None
+                            else options.process_index,
+                            process_count=jax.process_count() if options.process_count is None
+                            else options.process_count)
     summary = PredictSummary(skipped=plan.skipped, failed=list(plan.failed))
     if not plan.images and not plan.videos:  # all done (or unusable): no model needed
         plan.remove_stale_temporaries()

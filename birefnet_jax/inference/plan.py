@@ -10,6 +10,9 @@ Reads the file system and decides, before any model is loaded:
   call asks for. A name is a function of the input's path alone, so two inputs that would share
   one (`x.jpg` and `x.png`; `photo.jpg`'s cut-out and `photo_cutout.jpg`'s mask), or an input its
   own output would replace (a PNG predicted into its own folder), are refused here, with the list;
+* this process's share, when several processes predict the same inputs (`predict --distributed`,
+  see `process_share`): every process lists and checks the whole plan, so they all refuse or none
+  does, then keeps its own share of it;
 * the images and videos whose asked-for outputs all exist, skipped unless `overwrite` (videos are
   then planned frame by frame by `video.predict_videos`).
 
@@ -26,6 +29,8 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from birefnet_jax.inference.inputs import InputError, InputItem, list_inputs
 from birefnet_jax.inference.outputs import (
@@ -49,7 +54,8 @@ class OutputFolderError(OSError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PredictPlan:
-    """What one `predict` call has to do.
+    """What one `predict` call has to do (of this process's share: `process_index` of
+    `process_count`, see `process_share`; everything when there is one process).
 
     images: the images to predict, each with its output paths (only those not done, unless
       `overwrite`), in input order.
@@ -58,7 +64,8 @@ class PredictPlan:
     skipped: images and videos whose outputs all exist (left alone).
     failed: (path, reason) for every input found but unusable (a symbolic link loop, ...).
     owned: every file name the inputs' outputs may take, of every kind (the names whose
-      temporaries a killed run may have left).
+      temporaries a killed run may have left); the share's inputs only, so that a process never
+      deletes the temporaries another one is writing.
     """
 
     output: Path
@@ -68,10 +75,13 @@ class PredictPlan:
     skipped: int
     failed: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
     owned: tuple[str, ...] = ()
+    process_index: int = 0
+    process_count: int = 1
 
     def remove_stale_temporaries(self) -> int:
         """Delete the temporary files a killed run left beside any output of these inputs (images
-        done or not, videos; every kind, asked for this time or not); returns how many."""
+        done or not, videos; every kind, asked for this time or not; this process's share only);
+        returns how many."""
         return remove_stale_temporaries(self.owned or [p for _, paths in self.images for p in paths.paths.values()])
 
     def check_writable(self) -> None:
@@ -109,13 +119,16 @@ def _is_video(item: InputItem) -> bool:
 
 
 def plan_predictions(inputs: InputSpecs, output: str | os.PathLike, *, outputs: Sequence[str] = ("mask",),
-                     overwrite: bool = False) -> PredictPlan:
-    """The plan for predicting `inputs` (files, folders, globs, list files) into `output`.
+                     overwrite: bool = False, process_index: int = 0, process_count: int = 1) -> PredictPlan:
+    """The plan for predicting `inputs` (files, folders, globs, list files) into `output`: of
+    process `process_index`'s share when `process_count` processes share the work (see
+    `process_share`).
 
     Raises ValueError (`InputError` for specs that name nothing usable, and for inputs whose outputs
-    would meet: see the module doc) when there is nothing to do at all, and FileExistsError if
-    `output` is a file.
+    would meet: see the module doc) when there is nothing to do at all (in all processes: a share
+    may be empty), and FileExistsError if `output` is a file.
     """
+    check_share(process_index, process_count)
     specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not specs:
         raise ValueError("no inputs given")
@@ -126,12 +139,17 @@ def plan_predictions(inputs: InputSpecs, output: str | os.PathLike, *, outputs: 
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"--output {output} is a file; give a folder")
-    failed = [(it.path, it.error) for it in items if it.error is not None]
+    unusable = [it for it in items if it.error is not None]
     items = [it for it in items if it.error is None]
     items = _without_our_files(items, output)
-    if not items and not failed:
+    if not items and not unusable:
         raise ValueError(f"the inputs hold nothing but this tool's own outputs in the output folder {output}")
-    _refuse_clashes(items, output)
+    _refuse_clashes(items, output)  # the whole plan, in every process: all refuse or none does
+    if process_count > 1:
+        mine = {id(it) for it in process_share(items + unusable, process_index, process_count)}
+        items = [it for it in items if id(it) in mine]
+        unusable = [it for it in unusable if id(it) in mine]
+    failed = [(it.path, it.error) for it in unusable]
 
     images = [it for it in items if not _is_video(it)]
     all_videos = [it for it in items if _is_video(it)]
@@ -151,7 +169,43 @@ def plan_predictions(inputs: InputSpecs, output: str | os.PathLike, *, outputs: 
             todo.append((item, paths))
     owned = tuple(os.path.join(output, name) for it in items for name in _names(it.rel, _is_video(it)).values())
     return PredictPlan(output=output, kinds=kinds, images=todo, videos=videos, skipped=skipped, failed=failed,
-                       owned=owned)
+                       owned=owned, process_index=process_index, process_count=process_count)
+
+
+def check_share(process_index, process_count) -> None:
+    """ValueError unless `process_index` is one of `process_count` (a positive int) processes."""
+    if not _is_int(process_count) or process_count < 1:
+        raise ValueError(f"process_count must be a positive number of processes, got {process_count!r}")
+    if not _is_int(process_index) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be 0 to {process_count - 1} (process_count {process_count}), "
+                         f"got {process_index!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def process_share(items: Sequence[InputItem], process_index: int, process_count: int) -> list[InputItem]:
+    """The items process `process_index` of `process_count` predicts, in their given order.
+
+    Dealt round-robin from one order that every process computes alike, without talking to the
+    others, whatever order the inputs were given in and whatever is already done: the videos, then
+    the images, then the unusable paths, each sorted by their relative path (then the path as given);
+    the i-th of that order goes to process i % process_count. So the shares are disjoint, their union
+    is `items`, and a rerun after a partial run gives every process the same share again (each then
+    skips what it finished). Round-robin rather than contiguous blocks: sizes often cluster (a folder
+    of large photos, one of thumbnails; a few long videos), and dealing one by one, videos first,
+    spreads them evenly.
+    """
+    check_share(process_index, process_count)
+
+    def key(it: InputItem):
+        rank = 2 if it.error is not None else 0 if _is_video(it) else 1
+        return rank, it.rel.parts, os.fspath(it.path)
+
+    order = sorted(range(len(items)), key=lambda i: key(items[i]))
+    mine = {i for turn, i in enumerate(order) if turn % process_count == process_index}
+    return [it for i, it in enumerate(items) if i in mine]
 
 
 def _inside(items: list[InputItem], output: Path) -> tuple[str, dict[int, str]]:
