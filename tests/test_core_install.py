@@ -15,7 +15,7 @@ from birefnet_jax.convert import infer_config
 from birefnet_jax.convert.keymap import path_to_torch_key
 from birefnet_jax.model import abstract_model
 
-HEAVY = ("tensorflow", "torch", "scipy", "skimage", "cv2", "matplotlib", "clu", "tensorflow_datasets")
+HEAVY = ("tensorflow", "torch", "scipy", "skimage", "cv2", "av", "matplotlib", "clu", "tensorflow_datasets")
 
 
 @pytest.mark.slow
