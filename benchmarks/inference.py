@@ -19,6 +19,20 @@ The original is timed with a small driver written here at run time that imports 
 `align_corners=True` back to the image's size, PNG written; eager mode, default torch threads,
 images read in the main process (the original uses DataLoader workers; on a few cores they compete
 with the model anyway). bfloat16 runs under `torch.autocast`.
+
+`--cold` times what a user waits for instead: the `birefnet-jax predict` command run twice, each in a
+fresh process (a random checkpoint written as .safetensors first), with $BIREFNET_JAX_CACHE set to
+`--cache-dir` (default: a new empty folder, so the first run compiles and the second may find its
+programs in the persistent compile cache). Each run prints one JSON line: the process's wall time,
+the summary's compile count and seconds, the compile cache's file count before and after, and the
+summary's last lines.
+
+    python benchmarks/inference.py --cold --preset BiRefNet_lite --resolution 512x512 --images 20 \\
+        --batch-sizes 1 --dtypes float32 --label after
+
+`--cli-flags "--no-compile-cache"` adds flags to the command; `--label` is copied into each line (say
+which code ran: with PYTHONPATH=/path/to/another/checkout the command is that version's, which the
+`source` and `commit` fields name).
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -140,6 +155,76 @@ def run_ours(job: dict) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "peak_device_mb": round(peak_device / 2**20, 1) if peak_device is not None else None,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Cold runs: the command, in fresh processes, as a user runs it.
+
+
+def write_checkpoint(preset: str, resolution: tuple[int, int], path: Path) -> Path:
+    """A random checkpoint of `preset` as the original's .safetensors (what users pass to -m)."""
+    from birefnet_jax.convert import model_to_state_dict, write_safetensors
+    from birefnet_jax.model import random_model
+    from birefnet_jax.pretrained import get_preset
+
+    return write_safetensors(model_to_state_dict(random_model(get_preset(preset).replace(resolution=resolution))),
+                             path)
+
+
+def _files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+COMPILED = re.compile(r"(\d+) program\(s\) compiled in ([\d.]+) s")
+
+
+def run_cold(ckpt: Path, images: Path, output: Path, cache: Path, *, resolution: tuple[int, int], batch: int,
+             dtype: str, flags: list[str], run: int, timeout: float | None) -> dict:
+    """One `birefnet-jax predict` in a fresh process with $BIREFNET_JAX_CACHE=`cache`."""
+    h, w = resolution
+    cmd = [sys.executable, "-m", "birefnet_jax", "predict", "-m", str(ckpt), "-o", str(output), str(images),
+           "--resolution", f"{w}x{h}", "--batch-size", str(batch), "--dtype", dtype, "-q", "--overwrite", *flags]
+    env = {**os.environ, "BIREFNET_JAX_CACHE": str(cache)}
+    before = _files(cache)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"run": run, "error": f"timed out after {timeout} s"}
+    wall = time.perf_counter() - start
+    report = (proc.stdout + proc.stderr).strip()
+    out = {"run": run, "process_wall_s": round(wall, 2), "returncode": proc.returncode,
+           "cache_files_before": before, "cache_files_after": _files(cache)}
+    compiled = COMPILED.search(report)
+    if compiled:
+        out["compiles"], out["compile_s"] = int(compiled[1]), float(compiled[2])
+    out["report"] = report.splitlines()[-6:]
+    return out
+
+
+def cold_main(args, resolution: tuple[int, int], common: dict, tmp: Path, images: Path) -> None:
+    probe = subprocess.run([sys.executable, "-c", "import birefnet_jax, os; print(os.path.dirname("
+                            "os.path.dirname(birefnet_jax.__file__)))"], capture_output=True, text=True)
+    source = probe.stdout.strip()
+    commit = subprocess.run(["git", "-C", source, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    changed = subprocess.run(["git", "-C", source, "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True)
+    start = time.perf_counter()
+    ckpt = write_checkpoint(args.preset, resolution, tmp / "ckpt.safetensors")
+    print(json.dumps({"kind": "cold_setup", **common, "checkpoint_write_s": round(time.perf_counter() - start, 1),
+                      "source": source, "commit": commit.stdout.strip() or None,
+                      "uncommitted_changes": bool(changed.stdout.strip()), "label": args.label,
+                      "cli_flags": args.cli_flags}), flush=True)
+    flags = shlex.split(args.cli_flags or "")
+    for dtype in args.dtypes:
+        for batch in args.batch_sizes:
+            cache = args.cache_dir or tmp / f"cache-{dtype}-{batch}"
+            for run in (1, 2):
+                result = run_cold(ckpt, images, tmp / f"out-{dtype}-{batch}", cache, resolution=resolution,
+                                  batch=batch, dtype=dtype, flags=flags, run=run, timeout=args.timeout)
+                print(json.dumps({"kind": "cold", "label": args.label, "dtype": dtype, "batch": batch, **common,
+                                  "cache_dir": str(cache), "cli_flags": args.cli_flags, **result,
+                                  "load_average": load_average()}), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +370,13 @@ def main():
                    help="Python with torch + torchvision for the original (default: this one)")
     p.add_argument("--device-info", action="store_true", help="print a line describing the host and devices first")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed to each configuration's process")
+    p.add_argument("--cold", action="store_true",
+                   help="time the predict command twice in fresh processes (first run, then with the compile cache "
+                        "the first one left) instead of the warmed-up loop")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="with --cold: $BIREFNET_JAX_CACHE for both runs (default: a new empty folder)")
+    p.add_argument("--cli-flags", default="", help="with --cold: extra flags for the command, e.g. --no-compile-cache")
+    p.add_argument("--label", default=None, help="with --cold: a name copied into each line (which code ran)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one of our configurations
     args = p.parse_args()
     if args.repeats < 1 or args.images < 1 or min(args.batch_sizes) < 1:
@@ -312,6 +404,9 @@ def main():
                   "weights": "random (speed does not depend on their values)"}
         print(json.dumps({"kind": "setup", **common, "repeats": args.repeats, "load_average": load_average()}),
               flush=True)
+        if args.cold:
+            cold_main(args, resolution, common, tmp, tmp / "images")
+            return
         original_script = None
         if args.original:
             if backbone is None:

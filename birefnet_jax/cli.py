@@ -185,7 +185,8 @@ def predict_options(args) -> PredictOptions:
                               batch_size=args.batch_size, dtype=dtype, outputs=kinds,
                               refine_radius=args.refine_radius, overwrite=args.overwrite, workers=args.workers,
                               max_image_pixels=args.max_image_pixels or None, progress=not args.quiet,
-                              crop_refine=args.crop_refine, crop_margin=args.crop_margin)
+                              crop_refine=args.crop_refine, crop_margin=args.crop_margin,
+                              compile_cache=False if args.no_compile_cache else args.compile_cache or True)
     except ValueError as e:
         words = re.compile(r"\b(" + "|".join(PREDICT_FLAGS) + r")\b")
         raise ValueError(words.sub(lambda m: PREDICT_FLAGS[m[1]], str(e))) from None
@@ -214,9 +215,6 @@ def cmd_predict(args) -> int:
     options = predict_options(args)
     if args.distributed or args.coordinator_address:  # before anything touches a device (the checks do not)
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", str(args.compile_cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if jax.process_count() > 1:
         return _predict_share(args, options)
     summary = predict(args.inputs, args.model, args.output, options=options)
@@ -284,7 +282,12 @@ def _add_predict(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="decoding / writing threads")
     p.add_argument("--max-image-pixels", type=int, default=400_000_000,
                    help="refuse images larger than this (0: no limit)")
-    p.add_argument("--compile-cache", type=Path, default=None, help="persist compiled programs in this folder")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", type=Path, default=None, metavar="DIR",
+                       help="keep compiled programs in this folder across runs (default: ~/.cache/birefnet-jax/xla, "
+                            "or $BIREFNET_JAX_CACHE/xla; JAX's $JAX_COMPILATION_CACHE_DIR if set)")
+    cache.add_argument("--no-compile-cache", action="store_true",
+                       help="compile anew in each run, keeping nothing on disk")
     g = p.add_argument_group("many hosts (each process predicts its share of the inputs into the same output folder)")
     g.add_argument("--distributed", action="store_true",
                    help="initialise jax.distributed: the cluster is read from the environment (TPU pods, SLURM, "

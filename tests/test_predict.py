@@ -469,21 +469,33 @@ def test_read_image_sees_through_exif_for_the_mask_size(tmp_path):
 
 @pytest.mark.slow
 def test_compile_cache_persists_programs(tmp_path, converted):
-    """--compile-cache: a second process finds the programs the first one compiled."""
+    """The command keeps its programs in the user's cache folder by default ($BIREFNET_JAX_CACHE/xla):
+    a second process finds them there (also when named with --compile-cache); --no-compile-cache
+    writes none."""
+    import os
     import subprocess
     import sys
 
     save(Image.fromarray(rgb(40, 50)), tmp_path / "in" / "a.png")
-    cache = tmp_path / "xla-cache"
     cmd = [sys.executable, "-m", "birefnet_jax", "predict", "-m", str(converted("swin_nobn")), "-o",
-           str(tmp_path / "out"), str(tmp_path / "in"), "--resolution", "64x64", "--compile-cache", str(cache), "-q"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           str(tmp_path / "out"), str(tmp_path / "in"), "--resolution", "64x64", "-q", "--overwrite"]
+    env = {**os.environ, "BIREFNET_JAX_CACHE": str(tmp_path / "user-cache")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cache = tmp_path / "user-cache" / "xla"
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stderr[-2000:]
     entries = sorted(p.name for p in cache.rglob("*") if p.is_file())
     assert entries, "nothing was written to the compilation cache"
-    second = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0 and "done 1" in second.stdout
+    assert f"compile cache: {cache}" in first.stdout and "loaded from the compile cache" not in first.stdout
+    second = subprocess.run([*cmd, "--compile-cache", str(cache)], capture_output=True, text=True, timeout=600,
+                            env={**env, "BIREFNET_JAX_CACHE": str(tmp_path / "elsewhere")})
+    assert second.returncode == 0 and "done 1" in second.stdout, second.stderr[-2000:]
+    assert "1 program(s) compiled" in second.stdout and "(1 loaded from the compile cache)" in second.stdout
     assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == entries  # found, not compiled anew
+    off = subprocess.run([*cmd, "--no-compile-cache"], capture_output=True, text=True, timeout=600,
+                         env={**env, "BIREFNET_JAX_CACHE": str(tmp_path / "off")})
+    assert off.returncode == 0 and "no compile cache" in off.stdout, off.stderr[-2000:]
+    assert not (tmp_path / "off").exists() and not (tmp_path / "elsewhere").exists()
 
 
 # --------------------------------------------------------------------------- the stages, one by one
@@ -588,6 +600,148 @@ def test_run_stage_alone(tmp_path, predictor):
         assert prob.shape == RES and p.size == im.shape[:2] and p.rgb is None
         np.testing.assert_array_equal(mask_to_uint8(resize_align_corners(prob, p.size)), reference_mask(predictor, im))
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- compiling: cache, bar, summary
+
+
+@pytest.fixture(autouse=True)
+def _user_cache(monkeypatch, tmp_path_factory):
+    """The command keeps compiled programs under $BIREFNET_JAX_CACHE by default: a temporary folder
+    here, never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    monkeypatch.setenv("BIREFNET_JAX_CACHE", str(folder))
+    return folder
+
+
+def _jax_cache_setting():
+    return jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+
+
+def test_the_command_uses_the_user_cache_folder_unless_told_otherwise(tmp_path, predictor, monkeypatch, capsys,
+                                                                      _user_cache):
+    """Default: $BIREFNET_JAX_CACHE/xla while the run compiles (JAX's setting back as it was after);
+    --compile-cache DIR: DIR; --no-compile-cache: none, and nothing made."""
+    from birefnet_jax.inference import pipeline
+
+    default = Path(jax.config.jax_compilation_cache_dir or _user_cache / "xla")  # JAX's own setting wins
+    seen = []
+    monkeypatch.setattr(pipeline, "_resolve_predictor", lambda *a: seen.append(_jax_cache_setting()) or predictor)
+    save(Image.fromarray(rgb(30, 40)), tmp_path / "in" / "a.png")
+    before = _jax_cache_setting()
+    argv = ["predict", "-m", "unused", "-o", str(tmp_path / "out"), str(tmp_path / "in"), "-q", "--overwrite"]
+    assert main(argv) == 0
+    assert seen[-1] == (str(default), 0.0)  # every program cached, however quick
+    assert f"compile cache: {default}" in capsys.readouterr().out
+    assert _jax_cache_setting() == before
+    assert main([*argv, "--compile-cache", str(tmp_path / "mine")]) == 0
+    assert seen[-1][0] == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()
+    assert f"compile cache: {tmp_path / 'mine'}" in capsys.readouterr().out
+    monkeypatch.setenv("BIREFNET_JAX_CACHE", str(tmp_path / "not-made"))
+    assert main([*argv, "--no-compile-cache"]) == 0
+    assert seen[-1][0] is None and "no compile cache" in capsys.readouterr().out
+    assert not (tmp_path / "not-made").exists() and _jax_cache_setting() == before
+    with pytest.raises(SystemExit):
+        main([*argv, "--no-compile-cache", "--compile-cache", str(tmp_path / "mine")])
+    assert "not allowed with" in capsys.readouterr().err
+    # The library leaves JAX's cache alone unless asked.
+    predict(tmp_path / "in", predictor, tmp_path / "lib", progress=False)
+    assert seen[-1] == before
+
+
+def test_programs_compiled_in_the_call_land_in_the_cache_folder(tmp_path):
+    """What the compile cache does with JAX: a program compiled in the block is written to the
+    folder, however quickly it compiled, and found there the next time; afterwards JAX's setting is
+    as it was."""
+    from birefnet_jax.inference.pipeline import persistent_compile_cache
+
+    before = _jax_cache_setting()
+    with persistent_compile_cache(tmp_path / "c") as folder:
+        assert folder == tmp_path / "c"
+        jax.jit(lambda x: x * 3 + 1)(np.arange(5.0)).block_until_ready()
+    assert _jax_cache_setting() == before
+    assert [p for p in folder.iterdir() if p.name.endswith("-cache")]
+    with persistent_compile_cache(False) as off:
+        assert off is None and jax.config.jax_compilation_cache_dir is None
+    assert _jax_cache_setting() == before
+    for bad in ("", 3, 1.0):
+        with pytest.raises(ValueError, match="compile_cache must be a folder, True"):
+            PredictOptions(compile_cache=bad)
+
+
+def test_an_unusable_compile_cache_warns_once_and_the_run_goes_on(tmp_path, predictor, monkeypatch, capsys):
+    """A folder that cannot be made (below a file: even root cannot) warns once, and the run
+    predicts without a cache; so does the command."""
+    import warnings
+
+    from birefnet_jax.inference import pipeline
+
+    save(Image.fromarray(rgb(30, 40)), tmp_path / "in" / "a.png")
+    (tmp_path / "a-file").write_text("")
+    bad = tmp_path / "a-file" / "xla"
+    with pytest.warns(pipeline.CompileCacheWarning, match="cannot be used.*going on without it"):
+        s = predict(tmp_path / "in", predictor, tmp_path / "o1", progress=False, compile_cache=bad)
+    assert s.done == 1 and s.ok and s.compile_cache is None and "no compile cache" in s.report()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pipeline.CompileCacheWarning)  # once per folder
+        assert predict(tmp_path / "in", predictor, tmp_path / "o2", progress=False, compile_cache=bad).done == 1
+    monkeypatch.setattr(pipeline, "_resolve_predictor", lambda *a: predictor)
+    monkeypatch.setenv("BIREFNET_JAX_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.warns(pipeline.CompileCacheWarning, match="a-file/cache/xla cannot be used"):
+        assert main(["predict", "-m", "unused", "-o", str(tmp_path / "o3"), str(tmp_path / "in"), "-q"]) == 0
+    assert (tmp_path / "o3" / "a.png").exists() and "done 1" in capsys.readouterr().out
+
+
+def test_the_summary_tells_warm_throughput_from_compile_time(tmp_path, predictor):
+    s = PredictSummary(done=22, videos=2, frames=240, wall_seconds=75.0, image_seconds=10.0, video_seconds=40.0,
+                       compile_count=2, compile_seconds=21.5, cache_loads=1, compile_cache=Path("/c/xla"))
+    assert (s.images, s.warm_images_per_second, s.frames_per_second) == (20, 2.0, 6.0)
+    lines = s.report().splitlines()
+    assert lines[0] == "done 22, skipped 0 (outputs exist), failed 0; 75.0 s in all"
+    assert lines[1] == "images: 20 in 10.0 s, 2.00 images/s (compiling excluded)"
+    assert lines[2] == "videos: 2, 240 frames in 40.0 s, 6.00 frames/s (compiling excluded)"
+    assert lines[3] == "2 program(s) compiled in 21.5 s (1 loaded from the compile cache); compile cache: /c/xla"
+    assert "videos" not in PredictSummary(done=3, image_seconds=1.0).report()
+    # A run: the images' time, compiling excluded, lies within the whole call's.
+    for i in range(3):
+        save(Image.fromarray(rgb(30, 40, i)), tmp_path / "in" / f"{i}.png")
+    s = predict(tmp_path / "in", predictor, tmp_path / "out", progress=False)
+    assert s.done == 3 and s.videos == 0 and s.frames == 0
+    assert 0 < s.image_seconds <= s.wall_seconds - s.compile_seconds
+    assert f"images: 3 in {s.image_seconds:.1f} s" in s.report()
+
+
+def test_the_bar_names_the_program_compiling_and_keeps_its_time_out(capsys, caplog):
+    """On the bar while it compiles; then the compile's time is taken out of the bar's clock, so the
+    rate and the estimate come from the warm batches. Without a bar: a line on stderr, or with
+    progress off a log record."""
+    import logging
+    import time
+
+    from birefnet_jax.inference.pipeline import _CompileWatch, _progress
+
+    bar = _progress(4, True)
+    watch = _CompileWatch(bar, True)
+    start = bar.start_t
+    watch("1024x768 batch 2 float32", None)
+    assert "compiling 1024x768 batch 2 float32 (first use of this size)" in str(bar)
+    time.sleep(0.5)  # compiling
+    watch("1024x768 batch 2 float32", 0.5)
+    assert bar.start_t == pytest.approx(start + 0.5) and "compiling" not in str(bar)
+    time.sleep(0.2)  # the first batch
+    bar.update(2)
+    assert bar.format_dict["elapsed"] < 0.5  # the 0.7 s since the start, less the compile
+    bar.close()
+    capsys.readouterr()
+    _CompileWatch(None, True)("64x64 batch 1 float32", None)
+    assert "compiling 64x64 batch 1 float32" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="birefnet_jax.inference.pipeline"):
+        quiet = _CompileWatch(_progress(4, False), False)
+        quiet("64x64 batch 1 float32", None)
+        quiet("64x64 batch 1 float32", 2.5)
+    assert not capsys.readouterr().err
+    assert [r.getMessage() for r in caplog.records] == ["compiling 64x64 batch 1 float32 (first use of this size) ...",
+                                                        "compiled 64x64 batch 1 float32 in 2.5 s"]
 
 
 # --------------------------------------------------------------------------- many processes (--distributed)

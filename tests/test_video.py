@@ -441,3 +441,35 @@ def test_video_backend_choice(monkeypatch):
         video.video_backend()
     with pytest.raises(ImportError, match=r"opencv-python-headless.*birefnet-jax\[video\]"):
         video.video_backend("opencv")
+
+
+class _GreenPipelinePredictor(_GreenPredictor):
+    """`_GreenPredictor` with what `predict` asks of a predictor (nothing compiles)."""
+
+    resolution, num_devices, compile_seconds, compile_count = AV_RESOLUTION, 1, 0.0, 0
+
+    class config:  # noqa: N801 (as a checkpoint's config reads)
+        dynamic_size = None
+
+    @staticmethod
+    def padded_batch(batch: int) -> int:
+        return batch
+
+
+@needs_av
+def test_a_video_run_reports_frames(tmp_path, monkeypatch):
+    """Through `predict`: the summary counts the video's frames, and its throughput in frames per
+    second, apart from images."""
+    from birefnet_jax.inference import pipeline
+
+    (tmp_path / "in").mkdir()
+    _av_clip(tmp_path / "in" / "clip.mp4")
+    monkeypatch.setattr(pipeline, "_resolve_predictor", lambda *a: _GreenPipelinePredictor())
+    summary = predict(tmp_path / "in", "unused", tmp_path / "out", resolution=AV_RESOLUTION, batch_size=AV_BATCH,
+                      progress=False)
+    assert (summary.done, summary.videos, summary.images, summary.frames) == (1, 1, 0, AV_FRAMES)
+    assert summary.ok and 0 < summary.video_seconds <= summary.wall_seconds and summary.image_seconds == 0
+    assert summary.frames_per_second == pytest.approx(AV_FRAMES / summary.video_seconds)
+    report = summary.report()
+    assert f"videos: 1, {AV_FRAMES} frames in {summary.video_seconds:.1f} s" in report and "frames/s" in report
+    assert "images:" not in report

@@ -14,6 +14,11 @@ so the device does not wait on the disk and the disk does not wait on the device
 Memory stays bounded whatever the folder size: at most a window of decoded images is held (reads
 are submitted lazily, a few batches ahead), plus one partly filled batch per bucket, and at most a
 window of images waits to be written.
+
+Compiling is the long wait of a small job (seconds to a minute per program on a CPU): with
+`compile_cache` JAX's persistent compilation cache keeps the programs across runs
+(`persistent_compile_cache`), the progress bar names the program compiling and keeps its time out of
+the rate and the estimate, and the summary gives the throughput without it.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +42,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from birefnet_jax.convert.io import cache_root
 from birefnet_jax.inference.buckets import STEP, SizePolicy, parse_size
 from birefnet_jax.inference.inputs import InputItem
 from birefnet_jax.inference.outputs import KINDS, OutputPaths
@@ -46,10 +55,20 @@ from birefnet_jax.io.masks import mask_to_uint8, write_npy, write_png
 from birefnet_jax.io.resize import resize_align_corners, resize_linear
 from birefnet_jax.model import BiRefNet
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class PredictSummary:
-    """What a `predict` call did. `failed` holds (path, reason) for every input that produced nothing."""
+    """What a `predict` call did. `failed` holds (path, reason) for every input that produced nothing.
+
+    done, skipped: inputs (images and videos; `videos` of `done` are videos, `frames` their frames).
+    wall_seconds: the whole call (planning, loading, compiling included); `images_per_second` is
+      `done` over it. image_seconds, video_seconds: the images' and the videos' stages, compiling
+      excluded: `warm_images_per_second` and `frames_per_second` are the throughput once compiled.
+    compile_count, compile_seconds: programs compiled during the call, `cache_loads` of them loaded
+      from the persistent compile cache (`compile_cache`, its folder; None when none was used).
+    """
 
     done: int = 0
     skipped: int = 0
@@ -59,10 +78,31 @@ class PredictSummary:
     compile_count: int = 0
     buckets: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
     frames: int = 0  # video frames predicted
+    videos: int = 0  # of `done`: videos
+    image_seconds: float = 0.0  # the images' run and write stages, compiling excluded
+    video_seconds: float = 0.0  # the videos', compiling excluded
+    cache_loads: int = 0  # of `compile_count`: found in the persistent compile cache
+    compile_cache: Path | None = None  # the persistent compile cache's folder, None when none was used
 
     @property
     def images_per_second(self) -> float:
+        """Inputs done per second of the whole call (loading and compiling included)."""
         return self.done / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def images(self) -> int:
+        """Images done (`done` less the videos)."""
+        return self.done - self.videos
+
+    @property
+    def warm_images_per_second(self) -> float:
+        """Images per second of the images' stage, compiling excluded."""
+        return self.images / self.image_seconds if self.image_seconds > 0 else 0.0
+
+    @property
+    def frames_per_second(self) -> float:
+        """Video frames per second of the videos' stage, compiling excluded."""
+        return self.frames / self.video_seconds if self.video_seconds > 0 else 0.0
 
     @property
     def ok(self) -> bool:
@@ -70,10 +110,17 @@ class PredictSummary:
 
     def report(self) -> str:
         lines = [f"done {self.done}, skipped {self.skipped} (outputs exist), failed {len(self.failed)}; "
-                 f"{self.wall_seconds:.1f} s, {self.images_per_second:.2f} images/s, "
-                 f"{self.compile_count} program(s) compiled in {self.compile_seconds:.1f} s"]
-        if self.frames:
-            lines.append(f"video frames: {self.frames}")
+                 f"{self.wall_seconds:.1f} s in all"]
+        if self.images:
+            lines.append(f"images: {self.images} in {self.image_seconds:.1f} s, "
+                         f"{self.warm_images_per_second:.2f} images/s (compiling excluded)")
+        if self.videos or self.frames:
+            lines.append(f"videos: {self.videos}, {self.frames} frames in {self.video_seconds:.1f} s, "
+                         f"{self.frames_per_second:.2f} frames/s (compiling excluded)")
+        if self.compile_count or self.compile_cache is not None or self.done:
+            loaded = f" ({self.cache_loads} loaded from the compile cache)" if self.cache_loads else ""
+            cache = f"compile cache: {self.compile_cache}" if self.compile_cache is not None else "no compile cache"
+            lines.append(f"{self.compile_count} program(s) compiled in {self.compile_seconds:.1f} s{loaded}; {cache}")
         if self.buckets:
             sizes = ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(self.buckets.items()))
             lines.append(f"input sizes (WxH: images): {sizes}")
@@ -105,7 +152,14 @@ class PredictOptions:
     workers: decoding / writing threads (None or 0: a default for this machine).
     max_image_pixels: refuse images with more pixels (None: no limit).
     devices: the devices to run on when `model` is a checkpoint or a `BiRefNet` (default: all local).
-    progress: show a progress bar (on stderr).
+    progress: show a progress bar (on stderr); it names the program compiling while it does.
+    compile_cache: keep compiled programs across runs in JAX's persistent compilation cache: a
+      folder, or True for JAX's own setting (`jax_compilation_cache_dir`, e.g.
+      $JAX_COMPILATION_CACHE_DIR) if made, else `<birefnet_jax.convert.io.cache_root()>/xla`
+      (~/.cache/birefnet-jax/xla; the command line's default); False turns JAX's off for the call;
+      None (the default) leaves JAX's setting as it is. JAX's cache is process-wide: it is set for
+      the call and set back after it. A folder that cannot be written warns once
+      (`CompileCacheWarning`) and the call goes on without it.
     crop_refine: predict once, then again on the object's bounding box (plus `crop_margin`, a share of
       the box) cut from the full-resolution image, and paste that prediction back: more detail for
       images far larger than the model's resolution.
@@ -129,6 +183,7 @@ class PredictOptions:
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS
     devices: Sequence[Any] | None = None
     progress: bool = True
+    compile_cache: bool | str | os.PathLike | None = None
     crop_refine: bool = False
     crop_margin: float = 0.1
     on_image: Callable[[Path], None] | None = None
@@ -151,6 +206,10 @@ class PredictOptions:
         if self.workers is not None and (not _is_int(self.workers) or self.workers < 0):
             raise ValueError(f"workers must be a positive number of threads (None or 0: the default), "
                              f"got {self.workers!r}")
+        if not (self.compile_cache is None or isinstance(self.compile_cache, (bool, os.PathLike))
+                or (isinstance(self.compile_cache, str) and self.compile_cache)):
+            raise ValueError(f"compile_cache must be a folder, True (the default folder), False (off) or None "
+                             f"(JAX's setting as it is), got {self.compile_cache!r}")
         if self.max_image_pixels is not None and (not _is_int(self.max_image_pixels) or self.max_image_pixels < 1):
             raise ValueError(f"max_image_pixels must be a positive pixel count or None (no limit), "
                              f"got {self.max_image_pixels!r}")
@@ -457,26 +516,44 @@ def predict(inputs: InputSpecs, model, output: str | os.PathLike, *, options: Pr
         summary.wall_seconds = time.perf_counter() - start
         return summary
     plan.check_writable()  # before the (slow) load: a wrong output folder costs nothing
+    with persistent_compile_cache(options.compile_cache) as summary.compile_cache:
+        _run_plan(plan, model, summary, options)
+    summary.wall_seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_plan(plan: PredictPlan, model, summary: PredictSummary, options: PredictOptions) -> None:
+    """Load, then the images and the videos of `plan`, timed and accounted in `summary`."""
     predictor = _resolve_predictor(model, options.dtype, options.devices)
     policy = size_policy(options.resolution, predictor.resolution, max_pixels=options.max_pixels,
                          bucket_step=options.bucket_step, dynamic_size=predictor.config.dynamic_size)
     batch = predictor.padded_batch(predictor.num_devices if options.batch_size is None else options.batch_size)
     compile_before = (predictor.compile_seconds, predictor.compile_count)
 
+    def warm_seconds(since: float, compiled_before: float) -> float:
+        return max(0.0, time.perf_counter() - since - (predictor.compile_seconds - compiled_before))
+
     plan.remove_stale_temporaries()  # left by a run that was killed, whatever it wrote
     bar = _progress(len(plan.images), options.progress)
+    watch = _CompileWatch(bar, options.progress)
     try:
-        predict_images(plan, predictor, policy, summary, options, batch=batch, bar=bar)
-        if plan.videos:
-            predict_videos(plan.videos, predictor, policy, plan.output, summary, kinds=plan.kinds, batch=batch,
-                           overwrite=options.overwrite, progress=options.progress,
-                           refine_radius=options.refine_radius)
+        with watch.watching(predictor):
+            since, compiled = time.perf_counter(), predictor.compile_seconds
+            predict_images(plan, predictor, policy, summary, options, batch=batch, bar=bar)
+            summary.image_seconds = warm_seconds(since, compiled) if plan.images else 0.0
+            if plan.videos:
+                watch.bar = None  # the videos have their own bar
+                since, compiled, done = time.perf_counter(), predictor.compile_seconds, summary.done
+                predict_videos(plan.videos, predictor, policy, plan.output, summary, kinds=plan.kinds, batch=batch,
+                               overwrite=options.overwrite, progress=options.progress,
+                               refine_radius=options.refine_radius)
+                summary.videos = summary.done - done
+                summary.video_seconds = warm_seconds(since, compiled)
     finally:
         bar.close()
-    summary.wall_seconds = time.perf_counter() - start
-    summary.compile_seconds = predictor.compile_seconds - compile_before[0]
-    summary.compile_count = predictor.compile_count - compile_before[1]
-    return summary
+        summary.compile_seconds = predictor.compile_seconds - compile_before[0]
+        summary.compile_count = predictor.compile_count - compile_before[1]
+        summary.cache_loads = watch.cache_loads
 
 
 def predict_images(plan: PredictPlan, predictor, policy: SizePolicy, summary: PredictSummary,
@@ -531,3 +608,124 @@ def _crop_and_repredict(predictor, policy: SizePolicy, p: _Prepared, prob: np.nd
 def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="img", desc="predict", disable=not enabled or total == 0, file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiling: the persistent cache, and what the user sees meanwhile
+
+
+class CompileCacheWarning(UserWarning):
+    """The persistent compile cache's folder cannot be used: the run goes on without it."""
+
+
+_WARNED_CACHE_FOLDERS: set[str] = set()
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+
+def default_compile_cache() -> Path:
+    """The folder `compile_cache=True` means: JAX's own setting (`jax_compilation_cache_dir`, e.g.
+    $JAX_COMPILATION_CACHE_DIR) if one is made, else `<cache_root()>/xla`, i.e.
+    $BIREFNET_JAX_CACHE/xla or ~/.cache/birefnet-jax/xla."""
+    configured = jax.config.jax_compilation_cache_dir
+    return Path(configured) if configured else cache_root() / "xla"
+
+
+def _cache_folder_problem(folder: Path) -> str | None:
+    """Why `folder` cannot hold the cache (made if missing, and a file written and removed), or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".birefnet-probe-"):
+            pass
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _set_jax_cache(folder: str | None, min_seconds: float) -> None:
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+    compilation_cache.reset_cache()  # JAX opens its cache once: opened anew with this folder (or none)
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(setting: bool | str | os.PathLike | None) -> Iterator[Path | None]:
+    """JAX's persistent compilation cache as `setting` says (see `PredictOptions.compile_cache`) for
+    the block, and as it was after it; yields the folder in use, or None.
+
+    JAX's cache is process-wide, so this changes it for every thread while the block runs. Every
+    program compiled in the block is cached, however quick (`jax_persistent_cache_min_compile_time_secs`
+    0: ours take seconds, but on a fast device a small size can take less than JAX's default of one).
+    A folder that cannot be written (or made) warns once per folder and process
+    (`CompileCacheWarning`), and the block runs without a cache.
+    """
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    if setting is None:
+        yield Path(before[0]) if before[0] and jax.config.jax_enable_compilation_cache else None
+        return
+    folder = None
+    if setting is not False and jax.config.jax_enable_compilation_cache:  # (JAX's own switch, off, wins)
+        folder = default_compile_cache() if setting is True else Path(setting).expanduser()
+        problem = _cache_folder_problem(folder)
+        if problem is not None:
+            if str(folder) not in _WARNED_CACHE_FOLDERS:
+                _WARNED_CACHE_FOLDERS.add(str(folder))
+                warnings.warn(f"the compile cache {folder} cannot be used ({problem}); going on without it: "
+                              "programs are compiled anew in each run (another folder: --compile-cache DIR, "
+                              "compile_cache=DIR; off: --no-compile-cache, compile_cache=False)",
+                              CompileCacheWarning, stacklevel=4)
+            folder = None
+    wanted = (None if folder is None else str(folder), 0.0 if folder is not None else before[1])
+    if wanted == before:
+        yield folder
+        return
+    _set_jax_cache(*wanted)
+    try:
+        yield folder
+    finally:
+        _set_jax_cache(*before)
+
+
+class _CompileWatch:
+    """While a predictor compiles: its program named on the progress bar (a line on stderr when no
+    bar is shown but progress is on, e.g. for videos; a log record at INFO when progress is off),
+    and the compile's time taken out of the bar's clock, as tqdm's `unpause()` does, so that its rate
+    and estimate come from warm batches only. Counts the programs found in the persistent cache."""
+
+    def __init__(self, bar, progress: bool):
+        self.bar, self.progress = bar, progress
+        self.cache_loads = 0
+        self._compiling = False
+
+    @contextlib.contextmanager
+    def watching(self, predictor) -> Iterator[None]:
+        watch = getattr(predictor, "watch_compiles", None)
+        with contextlib.nullcontext() if watch is None else watch(self):
+            jax.monitoring.register_event_listener(self._on_event)
+            try:
+                yield
+            finally:
+                jax.monitoring.unregister_event_listener(self._on_event)
+
+    def _on_event(self, event: str, **_) -> None:
+        if event == _CACHE_HIT and self._compiling:
+            self.cache_loads += 1
+
+    def __call__(self, what: str, seconds: float | None) -> None:
+        bar = self.bar if self.bar is not None and not self.bar.disable else None
+        self._compiling = seconds is None
+        if seconds is None:
+            note = f"compiling {what} (first use of this size)"
+            if bar is not None:
+                bar.set_postfix_str(note)
+            elif self.progress:
+                tqdm.write(f"{note} ...", file=sys.stderr)
+            else:
+                log.info("%s ...", note)
+            return
+        if bar is not None:
+            bar.start_t += seconds  # the compile is no part of the rate or the estimate
+            bar.last_print_t += seconds
+            bar.set_postfix_str("")
+        log.info("compiled %s in %.1f s", what, seconds)

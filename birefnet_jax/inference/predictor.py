@@ -3,11 +3,12 @@ its own weights and one compiled program per batch shape, sharded over the local
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -113,7 +114,9 @@ class Predictor:
     local devices) along the batch axis with the weights replicated; a batch size that is not a
     multiple of the device count is padded up to one. One program is compiled per
     (batch, height, width, input dtype, output), and kept: `compile_count` and
-    `compile_seconds` say how many and how long.
+    `compile_seconds` say how many and how long (a program JAX's persistent compile cache
+    holds is loaded from it, which counts as a compilation too, a short one);
+    `watch_compiles` shows each while it compiles.
     """
 
     def __init__(self, model: BiRefNet, *, devices: Sequence[jax.Device] | None = None):
@@ -130,6 +133,7 @@ class Predictor:
         self._programs: dict[tuple, jax.stages.Compiled] = {}
         self.compile_seconds = 0.0
         self._lock = threading.Lock()
+        self._watchers: list[Callable[[str, float | None], None]] = []
 
     @property
     def compile_count(self) -> int:
@@ -149,10 +153,37 @@ class Predictor:
             fn = jax.jit(functools.partial(eval_forward, self.graphdef, uint8=np.dtype(dtype) == np.uint8,
                                            probabilities=probabilities, layout="NHWC"),
                          in_shardings=(self._replicated, self._batched), out_shardings=self._batched)
+            what = self.describe(shape)
+            for watcher in tuple(self._watchers):
+                watcher(what, None)
             start = time.perf_counter()
-            self._programs[key] = fn.lower(self.state, jax.ShapeDtypeStruct(shape, dtype)).compile()
-            self.compile_seconds += time.perf_counter() - start
+            try:
+                self._programs[key] = fn.lower(self.state, jax.ShapeDtypeStruct(shape, dtype)).compile()
+            finally:
+                seconds = time.perf_counter() - start
+                self.compile_seconds += seconds
+                for watcher in tuple(self._watchers):
+                    watcher(what, seconds)
         return self._programs[key]
+
+    def describe(self, shape: tuple[int, ...]) -> str:
+        """A program's shape as the command line writes sizes: "1024x768 batch 2 float32" (WxH, the
+        compute dtype)."""
+        b, h, w = shape[:3]
+        dtype = "float32" if self.dtype is None else np.dtype(self.dtype).name
+        return f"{w}x{h} batch {b} {dtype}"
+
+    @contextlib.contextmanager
+    def watch_compiles(self, watcher: Callable[[str, float | None], None]) -> Iterator[None]:
+        """Within the block, `watcher(what, None)` is called when this predictor starts compiling a
+        program and `watcher(what, seconds)` when it is done (also when it failed), `what` naming the
+        program (see `describe`): for progress displays. Called in the compiling thread, with the
+        predictor's lock held: keep it short, and do not run the predictor from it."""
+        self._watchers.append(watcher)
+        try:
+            yield
+        finally:
+            self._watchers.remove(watcher)
 
     def padded_batch(self, batch: int) -> int:
         """The batch size a program runs at: the next multiple of the device count."""
