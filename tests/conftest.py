@@ -1,5 +1,10 @@
-import jax
-import pytest
+import os
+
+# Tests never reach the network: huggingface_hub refuses at once (the hub tests replace it anyway).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Parity is defined in float32 with exact matmuls (see tests/reference/README.md).
 jax.config.update("jax_default_matmul_precision", "highest")

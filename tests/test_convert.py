@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from fake_hub import patch_hub
 from reference_models import MODEL_CASES, REF, case_meta, case_overrides, model_case_params, recipe_state_dict
 
 import birefnet_jax
@@ -158,7 +159,6 @@ def test_half_precision_safetensors_are_upcast(tmp_path):
 
 
 def test_hub_spec_is_resolved_through_huggingface_hub(monkeypatch, converted):
-    import huggingface_hub
 
     calls = []
 
@@ -166,7 +166,7 @@ def test_hub_spec_is_resolved_through_huggingface_hub(monkeypatch, converted):
         calls.append((repo_id, filename))
         return str(converted("swin_nobn"))
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    patch_hub(monkeypatch, fake_download)
     sd = read_state_dict("hf:ZhengPeng7/BiRefNet_lite")
     assert calls == [("ZhengPeng7/BiRefNet_lite", "model.safetensors")]
     assert "decoder.conv_out1.0.weight" in sd
@@ -195,7 +195,6 @@ def test_overwrite_replaces_a_checkpoint_only_when_complete(tmp_path, monkeypatc
 
 
 def test_hub_checkpoints_are_converted_once_and_cached(monkeypatch, converted, tmp_path):
-    import huggingface_hub
 
     from birefnet_jax.convert.io import CheckpointReadError
 
@@ -206,7 +205,7 @@ def test_hub_checkpoints_are_converted_once_and_cached(monkeypatch, converted, t
         return str(converted("swin_nobn"))
 
     monkeypatch.setenv("BIREFNET_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    patch_hub(monkeypatch, fake_download)
     first = birefnet_jax.load("hf:ZhengPeng7/BiRefNet_lite")
     second = birefnet_jax.load("hf:ZhengPeng7/BiRefNet_lite")
     assert calls == [("ZhengPeng7/BiRefNet_lite", "model.safetensors")]  # downloaded and converted once
@@ -217,6 +216,6 @@ def test_hub_checkpoints_are_converted_once_and_cached(monkeypatch, converted, t
     def offline(repo_id, filename):
         raise OSError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    patch_hub(monkeypatch, offline, online=False)
     with pytest.raises(CheckpointReadError, match="Without a network.*local path"):
         birefnet_jax.load("hf:ZhengPeng7/BiRefNet")

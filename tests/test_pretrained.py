@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from fake_hub import patch_hub
 from PIL import Image
 
 import birefnet_jax
@@ -85,7 +86,6 @@ def test_unknown_names_say_which_was_meant():
 def hub(monkeypatch, converted, tmp_path):
     """A hub that serves the tiny `swin_nobn` checkpoint for every file and records the requests; a
     fresh conversion cache."""
-    import huggingface_hub
 
     calls = []
 
@@ -94,7 +94,7 @@ def hub(monkeypatch, converted, tmp_path):
         return str(converted("swin_nobn"))
 
     monkeypatch.setenv("BIREFNET_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    patch_hub(monkeypatch, download)
     pipeline._cached_predictor.cache_clear()
     yield calls
     pipeline._cached_predictor.cache_clear()
@@ -227,11 +227,10 @@ def _offline(repo_id, filename):
 
 @pytest.mark.parametrize("why", ["no network", "no huggingface_hub"])
 def test_offline_a_release_name_says_what_to_fetch_and_how_to_pass_it(why, monkeypatch, tmp_path, capsys):
-    import huggingface_hub
 
     monkeypatch.setenv("BIREFNET_JAX_CACHE", str(tmp_path / "cache"))
     if why == "no network":
-        monkeypatch.setattr(huggingface_hub, "hf_hub_download", _offline)
+        patch_hub(monkeypatch, _offline, online=False)
     else:
         monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
     with pytest.raises(CheckpointReadError) as err:
