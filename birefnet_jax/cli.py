@@ -430,7 +430,8 @@ class _DatasetPredictor:
     def __call__(self, im_dir: str, out_dir: str) -> None:
         if self.predictor is None:
             self.predictor = load_predictor(self.ckpt)
-        summary = predict(im_dir, self.predictor, out_dir, batch_size=self.batch_size, overwrite=True, progress=True)
+        summary = predict(im_dir, self.predictor, out_dir, batch_size=self.batch_size, overwrite=True, progress=True,
+                          compile_cache=True)
         if summary.failed:
             listing = "; ".join(f"{p.name}: {why}" for p, why in summary.failed[:10])
             raise ValueError(f"{len(summary.failed)} image(s) in {im_dir} could not be predicted ({listing}); "
